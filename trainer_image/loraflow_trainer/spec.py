@@ -1,0 +1,243 @@
+"""The job spec: the versioned contract between the Airflow side and the trainer.
+
+This module owns the schema of ``job.json``. It imports pydantic and the standard
+library only, so the Airflow side can validate and write a spec without torch, and the
+trainer can read it without airflow.
+
+Every field name is unique across sections. That lets the same word name the field
+here, the trigger-form Param, the MLflow param and the docs (``flat_params``).
+Relative paths in a spec resolve against the directory that holds ``job.json``, so one
+spec works on the host and inside the container, where the workspace is mounted at a
+different path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow_trainer.errors import JobSpecError
+
+SPEC_VERSION = 1
+
+# A hub id is "name" or "org/name" with the characters the hub allows.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+DataFormat = Literal["text", "prompt_completion", "chat"]
+Quantization = Literal["none", "4bit", "8bit"]
+LossOn = Literal["all", "completion"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    base_model: str = Field(
+        description="Base model: a local directory (absolute, or relative to job.json) or a hub id.",
+        min_length=1,
+    )
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    torch_dtype: TorchDtype = Field("auto", description="Weights dtype; auto picks bfloat16 on GPUs that support it, else float32.")
+    quantization: Quantization = Field("none", description="none (LoRA), 4bit (QLoRA NF4) or 8bit (LLM.int8).")
+    rope_scaling_factor: float | None = Field(
+        None, ge=1.0, le=64.0, description="Linear RoPE scaling factor to extend the context; empty keeps the model's."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the repo.")
+
+
+class DataSpec(_Section):
+    train_path: str = Field(description="Training data (Parquet, JSONL or CSV), relative to job.json or absolute.")
+    eval_path: str | None = Field(None, description="Evaluation data in the same format; empty disables eval loss.")
+    data_format: DataFormat = Field("text", description="text, prompt_completion or chat (a messages column).")
+    text_column: str = Field("text", min_length=1)
+    prompt_column: str = Field("prompt", min_length=1)
+    completion_column: str = Field("completion", min_length=1)
+    messages_column: str = Field("messages", min_length=1)
+
+
+class LoraSpec(_Section):
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+
+
+class TrainingSpec(_Section):
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    num_train_epochs: float = Field(1.0, gt=0.0, le=100.0)
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 trains num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    max_seq_length: int = Field(512, ge=8, le=1_048_576)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: Scheduler = "linear"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    seed: int = Field(42, ge=0)
+    packing: bool = Field(False, description="Pack examples into full rows without cross-example attention.")
+    loss_on: LossOn = Field("completion", description="all tokens, or only completions / assistant turns.")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point on a retry).")
+    save_total_limit: int = Field(2, ge=1)
+
+
+class PrivacySpec(_Section):
+    dp_enabled: bool = Field(False, description="Train with DP-SGD (Opacus).")
+    dp_target_epsilon: float = Field(8.0, gt=0.0, le=1000.0)
+    dp_delta: float | None = Field(None, gt=0.0, lt=1.0, description="Empty means 1 / n_train^1.1.")
+    dp_max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample gradient clipping norm.")
+
+
+class EvalSpec(_Section):
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; empty evaluates at the end only.")
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    num_sample_generations: int = Field(4, ge=0, le=100, description="Prompts to generate from before and after training.")
+    sample_max_new_tokens: int = Field(32, ge=1, le=4096)
+
+
+class JobSpec(BaseModel):
+    """One training job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec_version: int = SPEC_VERSION
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    evaluation: EvalSpec = EvalSpec()
+    output_dir: str = Field("output", description="Where outputs go, relative to job.json or absolute.")
+    data_fingerprint: str | None = Field(None, description="Content hash of the data and spec, set by the pipeline.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form lineage (dag_id, run_id, ...).")
+
+    @field_validator("spec_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SPEC_VERSION:
+            raise ValueError(f"this trainer reads spec_version {SPEC_VERSION}, not {v}; regenerate job.json with a matching loraflow")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.privacy.dp_enabled and self.training.packing:
+            raise ValueError("training.packing cannot be combined with privacy.dp_enabled: DP-SGD needs one example per row")
+        if self.privacy.dp_enabled and self.model.quantization != "none":
+            raise ValueError("privacy.dp_enabled needs model.quantization='none': Opacus cannot compute per-sample grads through k-bit layers")
+        return self
+
+    @property
+    def completion_only(self) -> bool:
+        """Loss on completions/assistant turns only; plain text has no completion, so it trains on all."""
+        return self.training.loss_on == "completion" and self.data.data_format != "text"
+
+    # -- paths -----------------------------------------------------------------
+
+    def resolve(self, path: str | None, base_dir: Path) -> Path | None:
+        if path is None:
+            return None
+        p = Path(path)
+        return p if p.is_absolute() else (base_dir / p)
+
+    def is_local_model(self, base_dir: Path) -> bool:
+        p = Path(self.model.base_model)
+        return p.is_absolute() or p.parts[0] in (".", "..") or (base_dir / p).exists()
+
+    # -- identity --------------------------------------------------------------
+
+    def spec_hash(self) -> str:
+        """Hash of everything that changes the trained weights (not where outputs go, not labels)."""
+        payload = self.model_dump(mode="json", exclude={"output_dir", "labels", "data_fingerprint"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every setting under its own name: the names of Params, MLflow params and docs."""
+        flat: dict[str, Any] = {"spec_version": self.spec_version}
+        for section in ("model", "data", "lora", "training", "privacy", "evaluation"):
+            flat.update(getattr(self, section).model_dump(mode="json"))
+        return flat
+
+    # -- io --------------------------------------------------------------------
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+
+
+SECTION_OF: dict[str, str] = {
+    name: section
+    for section, model in (
+        ("model", ModelSpec),
+        ("data", DataSpec),
+        ("lora", LoraSpec),
+        ("training", TrainingSpec),
+        ("privacy", PrivacySpec),
+        ("evaluation", EvalSpec),
+    )
+    for name in model.model_fields
+}
+
+
+def from_flat(flat: dict[str, Any], **top: Any) -> JobSpec:
+    """Build a spec from flat field names (a trigger form's params). Unknown names are an error."""
+    sections: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for key, value in flat.items():
+        section = SECTION_OF.get(key)
+        if section is None:
+            unknown.append(key)
+        else:
+            sections.setdefault(section, {})[key] = value
+    if unknown:
+        raise JobSpecError(f"unknown setting(s) {', '.join(sorted(unknown))}; the known names are listed in the job spec docs")
+    return validate({**sections, **top})
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(spec)"
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if err["type"] != "missing" else f"{where}: required field is missing")
+    return "; ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> JobSpec:
+    """Validate a dict into a JobSpec, or raise JobSpecError naming every wrong field."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobSpecError(f"invalid job spec: {_format_errors(exc)}") from None
+
+
+def load(path: str | Path) -> JobSpec:
+    """Read and validate job.json."""
+    path = Path(path)
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise JobSpecError(f"job spec {path} does not exist; pass --job with the path of job.json") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise JobSpecError(f"job spec {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    if not isinstance(data, dict):
+        raise JobSpecError(f"job spec {path} must be a JSON object, not {type(data).__name__}")
+    return validate(data)
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
