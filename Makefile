@@ -1,0 +1,56 @@
+# loraflow: the two commands a new user needs are `make demo` and `make test`.
+# Both install what they need on a fresh Debian machine (run as root for the system
+# packages and the Docker engine; see README "Set-up").
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
+
+.PHONY: setup system-deps docker-image demo test test-fast ui stop bench clean
+
+# Python packages, pinned (constraints.txt holds the whole resolved set).
+$(VENV)/.installed: pyproject.toml trainer_image/pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==25.3"
+	# torch first and alone: the CPU wheel (find-links) must win over PyPI's CUDA build.
+	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt -e "trainer_image[train]" -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages the tests use: a Docker engine, debootstrap for the local base image,
+# Chromium for the UI test.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+# A running Docker engine, a locally built base image and the CPU trainer image.
+docker-image: system-deps
+	bash scripts/start-docker.sh
+	bash scripts/build-base-image.sh
+	bash scripts/build-trainer-image.sh
+
+# End to end on the embedded default: local Airflow DB, local MLflow server, local
+# runtime, the tiny CPU model and the bundled sample dataset.
+demo: setup
+	$(PY) scripts/demo.py
+
+# Everything the tests need, then the whole suite.
+test: setup docker-image
+	$(PY) -m pytest
+
+# The suite without the Docker engine tests (they skip), for a quick loop.
+test-fast: setup
+	$(PY) -m pytest -m "not docker"
+
+# Airflow UI (api-server + scheduler + dag-processor) and MLflow UI, in the background.
+ui: setup
+	$(PY) scripts/demo.py --serve-only
+
+stop:
+	$(PY) scripts/demo.py --stop
+
+clean:
+	rm -rf .loraflow
