@@ -1,0 +1,603 @@
+"""HuggingFace Trainer backend for LoRA / QLoRA / DP-SGD fine-tuning.
+
+Modelled on NeMo Safe Synthesizer's ``HuggingFaceBackend``: a ``TrainingBackend`` base with
+the lifecycle, and ``HuggingFaceBackend.train()`` reading as the list of its steps. The HF
+Trainer does the training loop; loraflow extends it at its seams: the collators in
+``data``, a line-per-event logging callback, a stop-on-SIGTERM callback, and ``dp`` for
+DP-SGD with Opacus.
+"""
+
+from __future__ import annotations
+
+import abc
+import gc
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+
+from loraflow_trainer import data as data_mod
+from loraflow_trainer.errors import DataError, ModelNotFoundError, OutOfMemoryError
+from loraflow_trainer.spec import JobSpec
+
+# Trainer arguments loraflow fixes: the job spec does not expose them because changing
+# them breaks an assumption elsewhere (line logging through Docker, checkpoint resume,
+# token accounting, our own collators).
+FIXED_RUNTIME_TRAINING_ARGS: dict[str, Any] = {
+    "logging_strategy": IntervalStrategy.STEPS,
+    "save_strategy": IntervalStrategy.STEPS,
+    "disable_tqdm": True,
+    "report_to": [],
+    "remove_unused_columns": False,
+    "include_num_input_tokens_seen": "non_padding",
+    "include_for_metrics": ["loss"],
+    "ddp_find_unused_parameters": False,
+    "save_only_model": False,
+}
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def preprocess_logits_for_metrics(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    """Reduce logits to argmax token ids right after the forward pass.
+
+    The Trainer otherwise keeps every eval batch's full (batch, seq, vocab) logits, which
+    runs out of memory on large vocabularies.
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def compute_metrics(eval_preds) -> dict[str, float]:
+    """Eval loss (mean of the per-batch losses), perplexity, and next-token accuracy."""
+    losses = np.asarray(eval_preds.losses if eval_preds.losses is not None else [], dtype=np.float64).ravel()
+    metrics: dict[str, float] = {}
+    if losses.size:
+        mean = float(losses.mean())
+        metrics["loss_mean"] = mean
+        metrics["perplexity"] = float(math.exp(min(mean, 50.0)))
+    preds, labels = np.asarray(eval_preds.predictions), np.asarray(eval_preds.label_ids)
+    if preds.ndim == 2 and labels.shape == preds.shape:
+        # Prediction at t is for the label at t + 1.
+        p, lab = preds[:, :-1], labels[:, 1:]
+        keep = lab != data_mod.IGNORE_INDEX
+        if keep.any():
+            metrics["token_accuracy"] = float((p[keep] == lab[keep]).mean())
+    return metrics
+
+
+class LineLogCallback(TrainerCallback):
+    """One JSON line per log event on stdout, flushed: readable through ``docker logs``."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+        print(json.dumps({"event": "log", "step": state.global_step, "max_steps": state.max_steps, **logs}), flush=True)
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """On SIGTERM/SIGINT, checkpoint at the end of the current step and stop, so a retry resumes."""
+
+    def __init__(self) -> None:
+        self.signalled: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        print(json.dumps({"event": "signal", "signal": signal.Signals(signum).name, "action": "checkpoint and stop"}), flush=True)
+        self.signalled = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signalled is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class TrainingBackend(abc.ABC):
+    """The lifecycle every loraflow backend implements."""
+
+    def __init__(self, job: JobSpec, job_dir: Path):
+        self.job = job
+        self.job_dir = Path(job_dir).resolve()
+        self.output_dir = job.resolve(job.output_dir, self.job_dir)
+        self.results: dict[str, Any] = {}
+
+    @abc.abstractmethod
+    def prepare_config(self, add_max_memory: bool = True, **kwargs) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_model(self, **model_args) -> None: ...
+
+    @abc.abstractmethod
+    def maybe_quantize(self, **quant_params) -> None: ...
+
+    @abc.abstractmethod
+    def prepare_training_data(self) -> None: ...
+
+    @abc.abstractmethod
+    def prepare_params(self, **training_args) -> None: ...
+
+    @abc.abstractmethod
+    def train(self, **training_args) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def save_model(self) -> Path: ...
+
+    @abc.abstractmethod
+    def teardown(self) -> None: ...
+
+    def info(self) -> dict[str, Any]:
+        summary = {"backend": type(self).__name__, "job_dir": str(self.job_dir), "output_dir": str(self.output_dir)}
+        print(json.dumps({"event": "info", **summary}), flush=True)
+        return summary
+
+
+class HuggingFaceBackend(TrainingBackend):
+    """LoRA/QLoRA/DP-SGD on ``AutoModelForCausalLM`` with the HF Trainer."""
+
+    def __init__(self, job: JobSpec, job_dir: Path):
+        super().__init__(job, job_dir)
+        self.model = None
+        self.tokenizer = None
+        self.trainer: Trainer | None = None
+        self.train_dataset: data_mod.ExampleDataset | None = None
+        self.eval_dataset: data_mod.ExampleDataset | None = None
+        self.model_args: dict[str, Any] = {}
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.log_cb = LineLogCallback()
+        self.signal_cb: StopOnSignalCallback | None = None
+        self.samples_before: list[str] = []
+        self.sample_prompts: list[str] = []
+        self.privacy_report: dict[str, float] = {}
+        self._torn_down = False
+
+    # -- paths ---------------------------------------------------------------------
+
+    @property
+    def base_model_dir(self) -> Path | None:
+        """The base model as a local directory, or None for a hub id."""
+        if not self.job.is_local_model(self.job_dir):
+            return None
+        return self.job.resolve(self.job.model.base_model, self.job_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    # -- steps -----------------------------------------------------------------------
+
+    def prepare_config(self, add_max_memory: bool = True, **kwargs) -> dict[str, Any]:
+        """Arguments for ``from_pretrained``: dtype, RoPE scaling, quantization, memory cap."""
+        m = self.job.model
+        source = str(self.base_model_dir or m.base_model)
+        if self.base_model_dir is not None and not (self.base_model_dir / "config.json").exists():
+            raise ModelNotFoundError(
+                f"base model {self.base_model_dir} has no config.json; point base_model at a saved HF model "
+                "directory (mounted under /models in the container) or a hub id"
+            )
+        try:
+            config = AutoConfig.from_pretrained(source, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"base model {m.base_model!r} could not be loaded ({str(exc).splitlines()[0][:160]}); "
+                "check the name, or pre-download it into the model cache when the hub is offline"
+            ) from None
+        if m.rope_scaling_factor:
+            rope = dict(getattr(config, "rope_parameters", None) or {})
+            rope.update({"rope_type": "linear", "factor": float(m.rope_scaling_factor)})
+            config.rope_parameters = rope
+        args: dict[str, Any] = {
+            "config": config,
+            "revision": m.model_revision,
+            "trust_remote_code": m.trust_remote_code,
+            "dtype": self._dtype(),
+        }
+        if m.quantization != "none":
+            args["quantization_config"] = self._bnb_config()
+            args["device_map"] = {"": 0 if self.device == "cuda" else "cpu"}
+        if add_max_memory and self.device == "cuda":
+            free, _total = torch.cuda.mem_get_info()
+            args.setdefault("max_memory", {0: int(free * 0.9)})
+        args.update(kwargs)
+        self.model_args = args
+        return args
+
+    def load_model(self, **model_args) -> None:
+        source = str(self.base_model_dir or self.job.model.base_model)
+        args = {**(self.model_args or self.prepare_config()), **model_args}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=self.job.model.model_revision)
+            self.model = AutoModelForCausalLM.from_pretrained(source, **args)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"base model {self.job.model.base_model!r} could not be loaded ({str(exc).splitlines()[0][:160]})"
+            ) from None
+        if self.tokenizer.pad_token_id is None:
+            # Llama-style tokenizers ship without a pad token; eos is the usual stand-in.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.job.model.quantization == "none":
+            self.model.to(self.device)
+        self.model.config.use_cache = False
+
+    def maybe_quantize(self, **quant_params) -> None:
+        """Wrap the model with LoRA; k-bit models are first prepared for training."""
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        lora = self.job.lora
+        gc_on = self.job.training.gradient_checkpointing
+        if self.job.model.quantization != "none":
+            self.model = prepare_model_for_kbit_training(
+                self.model,
+                use_gradient_checkpointing=gc_on,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif gc_on:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        config = LoraConfig(
+            r=lora.lora_r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=lora.lora_target_modules,
+            use_rslora=lora.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+            **quant_params,
+        )
+        self.model = get_peft_model(self.model, config)
+
+    def prepare_training_data(self) -> None:
+        d = self.job.data
+        train_path = self.job.resolve(d.train_path, self.job_dir)
+        self.train_dataset = data_mod.ExampleDataset(data_mod.load_examples(self.job, train_path, self.tokenizer))
+        if d.eval_path:
+            eval_path = self.job.resolve(d.eval_path, self.job_dir)
+            self.eval_dataset = data_mod.ExampleDataset(data_mod.load_examples(self.job, eval_path, self.tokenizer))
+        prompt_source = self.job.resolve(d.eval_path or d.train_path, self.job_dir)
+        self.sample_prompts = data_mod.prompts_for_samples(
+            self.job, prompt_source, self.tokenizer, self.job.evaluation.num_sample_generations
+        )
+        print(json.dumps({
+            "event": "data", "train_examples": len(self.train_dataset), "train_tokens": self.train_dataset.num_tokens(),
+            "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
+        }), flush=True)
+
+    def training_arguments(self, **overrides) -> TrainingArguments:
+        t, e = self.job.training, self.job.evaluation
+        eval_on = self.eval_dataset is not None and e.eval_steps is not None
+        args = dict(
+            output_dir=str(self.checkpoint_dir),
+            learning_rate=t.learning_rate,
+            num_train_epochs=t.num_train_epochs,
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            per_device_eval_batch_size=e.per_device_eval_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            warmup_steps=t.warmup_steps,
+            lr_scheduler_type=t.lr_scheduler_type,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            eval_strategy=IntervalStrategy.STEPS if eval_on else IntervalStrategy.NO,
+            eval_steps=e.eval_steps,
+            bf16=self._dtype() == torch.bfloat16,
+            gradient_checkpointing=False,  # enabled on the model in maybe_quantize
+            optim="paged_adamw_32bit" if (self.device == "cuda" and self.job.model.quantization != "none") else "adamw_torch",
+            dataloader_pin_memory=self.device == "cuda",
+            dataloader_num_workers=0,
+            use_cpu=self.device == "cpu",
+            **FIXED_RUNTIME_TRAINING_ARGS,
+        )
+        args.update(overrides)
+        return TrainingArguments(**args)
+
+    def prepare_params(self, **training_args) -> None:
+        """Build the Trainer (or the DP trainer) with loraflow's collator and callbacks."""
+        collator = (
+            data_mod.PackingCollator()
+            if self.job.training.packing
+            else data_mod.PaddingCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=8 if self.device == "cuda" else None)
+        )
+        self.signal_cb = StopOnSignalCallback()
+        kwargs = dict(
+            model=self.model,
+            args=self.training_arguments(**training_args),
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            data_collator=collator,
+            processing_class=self.tokenizer,
+            callbacks=[self.log_cb, self.signal_cb],
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            compute_metrics=compute_metrics,
+        )
+        if self.job.privacy.dp_enabled:
+            from loraflow_trainer.dp import OpacusDPTrainer
+
+            self.trainer = OpacusDPTrainer(privacy=self.job.privacy, **kwargs)
+        else:
+            self.trainer = Trainer(**kwargs)
+        # With tqdm off the Trainer prints raw log dicts; LineLogCallback prints them as JSON.
+        self.trainer.remove_callback(PrinterCallback)
+
+    def train(self, **training_args) -> dict[str, Any]:
+        """Load, wrap, tokenize, sample, train (resuming), evaluate, sample, save."""
+        self.info()
+        self.prepare_config()
+        self.load_model()
+        self.maybe_quantize()
+        self.prepare_training_data()
+        self.prepare_params(**training_args)
+        self.samples_before = self.generate_samples()
+        resume = get_last_checkpoint(str(self.checkpoint_dir)) if self.checkpoint_dir.exists() else None
+        if resume:
+            print(json.dumps({"event": "resume", "checkpoint": resume}), flush=True)
+        started = time.perf_counter()
+        try:
+            output = self.trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(
+                "out of memory while training; lower per_device_train_batch_size or max_seq_length, "
+                "enable gradient_checkpointing, or use quantization=4bit"
+            ) from None
+        runtime = time.perf_counter() - started
+        if self.signal_cb and self.signal_cb.signalled is not None:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(self.signal_cb.signalled).name}; checkpoint saved")
+        self.results = self._metrics(output, runtime)
+        if self.eval_dataset is not None:
+            ev = self.trainer.evaluate()
+            self.results["eval_loss"] = float(ev["eval_loss"])
+            self.results["perplexity"] = float(math.exp(min(ev["eval_loss"], 50.0)))
+            if "eval_token_accuracy" in ev:
+                self.results["eval_token_accuracy"] = float(ev["eval_token_accuracy"])
+        if self.job.privacy.dp_enabled:
+            self.results.update(self.trainer.privacy_report())
+        print(json.dumps({"event": "metrics", **self.results}), flush=True)
+        self.save_model()
+        return self.results
+
+    def generate_samples(self) -> list[str]:
+        """Greedy completions of the sample prompts (left padding, so batches generate correctly)."""
+        if not self.sample_prompts:
+            return []
+        model = self._unwrapped_model()
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        was_training = model.training
+        model.eval()
+        try:
+            enc = tok(self.sample_prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=self.job.evaluation.sample_max_new_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id, use_cache=True,
+                )
+            return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
+
+    def save_model(self) -> Path:
+        """Write adapter/, model/, metrics, metadata, samples and schema; ``_SUCCESS`` last.
+
+        Everything is written under a staging directory and renamed into place, and the
+        marker goes last, so a crash never leaves an output that looks complete.
+        """
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUCCESS_MARKER).unlink(missing_ok=True)
+        staging = out / f".staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+
+        model = self._unwrapped_model()
+        model.save_pretrained(staging / "adapter")
+        self.tokenizer.save_pretrained(staging / "adapter")
+        self._save_mlflow_model(model, staging / "model")
+
+        samples_after = self.generate_samples()
+        with (staging / "samples.jsonl").open("w") as f:
+            for prompt, before, after in zip(self.sample_prompts, self.samples_before or [""] * len(samples_after), samples_after):
+                f.write(json.dumps({"prompt": prompt, "before": before, "after": after}) + "\n")
+        (staging / "metrics.json").write_text(json.dumps(self.results, indent=2))
+        (staging / "dataset_schema.json").write_text(json.dumps(self._dataset_schema(), indent=2))
+        (staging / "metadata.json").write_text(json.dumps(self._metadata(staging), indent=2))
+
+        for item in sorted(staging.iterdir()):
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+        staging.rmdir()
+        marker = out / f"{SUCCESS_MARKER}.tmp"
+        marker.write_text(json.dumps({"completed_at": time.time()}))
+        marker.replace(out / SUCCESS_MARKER)
+        print(json.dumps({"event": "saved", "output_dir": str(out)}), flush=True)
+        return out
+
+    def teardown(self) -> None:
+        """Free the trainer, the model and accelerator memory. Safe to call more than once."""
+        if self.trainer is not None:
+            try:
+                self.trainer.accelerator.free_memory()
+            except Exception:  # best effort: teardown must not raise
+                pass
+        self.trainer = None
+        self.model = None
+        self.train_dataset = self.eval_dataset = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        self._torn_down = True
+
+    def info(self) -> dict[str, Any]:
+        summary = super().info()
+        summary.update({
+            "device": self.device,
+            "base_model": self.job.model.base_model,
+            "quantization": self.job.model.quantization,
+            "dp_enabled": self.job.privacy.dp_enabled,
+            "trainable_parameters": _trainable(self.model) if self.model is not None else None,
+        })
+        return summary
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _dtype(self) -> torch.dtype:
+        want = self.job.model.torch_dtype
+        if want == "auto":
+            return torch.bfloat16 if (self.device == "cuda" and torch.cuda.is_bf16_supported()) else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+
+    def _bnb_config(self) -> BitsAndBytesConfig:
+        if self.job.model.quantization == "4bit":
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self._dtype(),
+            )
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    def _unwrapped_model(self):
+        model = self.model
+        return getattr(model, "_module", model)  # Opacus GradSampleModule wraps the PeftModel
+
+    def _metrics(self, output, runtime: float) -> dict[str, Any]:
+        state = self.trainer.state
+        tokens = int(state.num_input_tokens_seen)
+        losses = self.log_cb.losses
+        if self.device == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "train_loss": float(output.training_loss),
+            "first_train_loss": losses[0] if losses else float("nan"),
+            "final_train_loss": losses[-1] if losses else float("nan"),
+            "train_tokens": tokens,
+            "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+            "train_runtime_s": runtime,
+            "peak_memory_mb": peak_mb,
+            "global_step": int(state.global_step),
+            "trainable_parameters": _trainable(self.model),
+        }
+
+    def _dataset_schema(self) -> dict[str, Any]:
+        d = self.job.data
+        cols = {"text": [d.text_column], "prompt_completion": [d.prompt_column, d.completion_column],
+                "chat": [d.messages_column]}[d.data_format]
+        return {
+            "data_format": d.data_format,
+            "columns": [{"name": c, "type": "string"} for c in cols],
+            "train_examples": len(self.train_dataset) if self.train_dataset else 0,
+            "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
+            "max_seq_length": self.job.training.max_seq_length,
+            "loss_on": "completion" if self.job.completion_only else "all",
+        }
+
+    def _metadata(self, staging: Path) -> dict[str, Any]:
+        import peft
+        import transformers
+
+        versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__}
+        for name in ("bitsandbytes", "opacus", "mlflow"):
+            try:
+                versions[name] = __import__(name).__version__
+            except Exception:  # optional at runtime: record what is there
+                pass
+        checksums = {
+            str(p.relative_to(staging)): _sha256(p)
+            for sub in ("adapter", "model") for p in sorted((staging / sub).rglob("*")) if p.is_file()
+        }
+        from loraflow_trainer import __version__
+
+        return {
+            "base_model": self.job.model.base_model,
+            "base_model_dir": str(self.base_model_dir) if self.base_model_dir else None,
+            "spec_hash": self.job.spec_hash(),
+            "data_fingerprint": self.job.data_fingerprint,
+            "labels": self.job.labels,
+            "loraflow_trainer": __version__,
+            "versions": versions,
+            "device": self.device,
+            "checksums": checksums,
+        }
+
+    def _save_mlflow_model(self, model, path: Path) -> None:
+        """An MLflow transformers-flavour model holding the adapter and a reference to the base."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(
+            model_input=["prompt"], model_output=["completion"],
+            params={"max_new_tokens": self.job.evaluation.sample_max_new_tokens, "do_sample": False, "temperature": 1.0},
+        )
+        import peft
+        import transformers
+
+        pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+               f"peft=={peft.__version__}", f"mlflow-skinny=={mlflow.__version__}"]
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": self.tokenizer},
+            path=str(path),
+            task="text-generation",
+            signature=signature,
+            pip_requirements=pip,
+            base_model_path=str(self.base_model_dir) if self.base_model_dir else None,
+            metadata={"loraflow.base_model": self.job.model.base_model, "loraflow.spec_hash": self.job.spec_hash()},
+        )
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_data_ready(job: JobSpec, job_dir: Path) -> None:
+    """Fail fast (before loading a model) on a dataset path that does not exist."""
+    for p in (job.data.train_path, job.data.eval_path):
+        path = job.resolve(p, job_dir)
+        if path is not None and not path.exists():
+            raise DataError(f"dataset {path} does not exist; check train_path/eval_path in the job spec")

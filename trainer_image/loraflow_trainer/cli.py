@@ -1,0 +1,91 @@
+"""``loraflow-train``: run one job spec, or build the tiny model.
+
+Progress goes to stdout one line per event (read through ``docker logs``); the exit code
+says what went wrong (see ``errors``), with a one-line cause on stderr. Heavy imports
+happen after the spec is validated, so a bad spec fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from loraflow_trainer import errors, spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loraflow-train",
+        description="Fine-tune a causal LM with LoRA/QLoRA/DP-SGD from a loraflow job spec.",
+        epilog="exit codes: " + "; ".join(f"{code} = {text}" for code, text in errors.EXIT_MEANINGS.items()),
+    )
+    p.add_argument("--job", type=Path, help="path of job.json (relative paths in it resolve against its directory)")
+    p.add_argument("--print-schema", action="store_true", help="print the job spec JSON schema and exit")
+    sub = p.add_subparsers(dest="command")
+    tiny = sub.add_parser("make-tiny-model", help="build a tiny random Llama model + tokenizer for tests and demos")
+    tiny.add_argument("--out", type=Path, required=True, help="directory to save the model to")
+    tiny.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL/CSV/Parquet/text files to train the tokenizer on")
+    tiny.add_argument("--vocab-size", type=int, default=1024)
+    tiny.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    print(f"loraflow-train: error: {exc}", file=sys.stderr, flush=True)
+    print(json.dumps({"event": "failed", "exit_code": code, "error": str(exc)}), flush=True)
+    return code
+
+
+def run_job(job_path: Path) -> int:
+    job = spec.load(job_path)
+    job_dir = job_path.resolve().parent
+    # Silence library progress bars: they write carriage returns, unreadable in docker logs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from loraflow_trainer.backend import HuggingFaceBackend, check_data_ready
+
+    check_data_ready(job, job_dir)
+    backend = HuggingFaceBackend(job, job_dir)
+    try:
+        backend.train()
+    finally:
+        backend.teardown()
+    return errors.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.print_schema:
+            print(json.dumps(spec.json_schema(), indent=2))
+            return errors.EXIT_OK
+        if args.command == "make-tiny-model":
+            from loraflow_trainer.tiny import build_tiny_model, corpus_texts
+
+            out = build_tiny_model(args.out, corpus_texts(args.data), vocab_size=args.vocab_size, seed=args.seed)
+            print(json.dumps({"event": "tiny_model", "path": str(out)}), flush=True)
+            return errors.EXIT_OK
+        if args.job is None:
+            raise errors.JobSpecError("no job given; pass --job path/to/job.json")
+        return run_job(args.job)
+    except errors.LoraflowTrainerError as exc:
+        return _fail(exc, exc.exit_code)
+    except KeyboardInterrupt as exc:
+        return _fail(RuntimeError(f"interrupted ({exc or 'SIGINT'}); checkpoints kept, a retry resumes"), errors.EXIT_INTERRUPTED)
+    except MemoryError:
+        return _fail(errors.OutOfMemoryError("out of host memory; lower per_device_train_batch_size or max_seq_length"), errors.EXIT_OUT_OF_MEMORY)
+    except Exception as exc:  # the CLI's last line of defence: a cause line instead of silence
+        import traceback
+
+        traceback.print_exc()
+        name = type(exc).__name__
+        if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return _fail(errors.OutOfMemoryError(f"out of memory ({str(exc).splitlines()[0][:160]}); lower the batch size or max_seq_length"), errors.EXIT_OUT_OF_MEMORY)
+        return _fail(RuntimeError(f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"), errors.EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Training data: read a dataset file, tokenize it into examples, and collate batches.
+
+Owns the three formats (text, prompt/completion, chat messages), the completion-only /
+assistant-only label mask (-100 elsewhere), truncation to ``max_seq_length``, and the
+padding-free packing collator. Tokenization is batched through the fast tokenizer; an
+example is a pair of int lists, never a Python object per token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraflow_trainer.errors import DataError
+from loraflow_trainer.spec import JobSpec
+
+IGNORE_INDEX = -100
+
+
+def read_table(path: Path):
+    """Read Parquet, JSONL or CSV into a DataFrame, or raise DataError naming the file."""
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist; check train_path/eval_path in the job spec")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix in {".jsonl", ".json"}:
+            return pd.read_json(path, lines=True, dtype=False)
+        if path.suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False)
+    except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
+        raise DataError(f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix or regenerate the file") from None
+    raise DataError(f"dataset {path} has unsupported extension {path.suffix!r}; use .parquet, .jsonl or .csv")
+
+
+def _columns(job: JobSpec) -> list[str]:
+    d = job.data
+    return {
+        "text": [d.text_column],
+        "prompt_completion": [d.prompt_column, d.completion_column],
+        "chat": [d.messages_column],
+    }[d.data_format]
+
+
+def _messages(value: Any, row: int, path: Path) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} row {row}: messages is not valid JSON; store a list of {{role, content}} objects") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise DataError(f"{path} row {row}: messages must be a non-empty list of {{role, content}} objects")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{path} row {row}: the conversation has no assistant turn to learn from")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def load_examples(job: JobSpec, path: Path, tokenizer) -> list[dict[str, list[int]]]:
+    """Tokenize every row of ``path`` into ``{"input_ids", "labels"}``, truncated to max_seq_length."""
+    df = read_table(path)
+    missing = [c for c in _columns(job) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path} lacks column(s) {', '.join(missing)} for data_format={job.data.data_format}; "
+            f"it has {', '.join(map(str, df.columns))}"
+        )
+    if len(df) == 0:
+        raise DataError(f"{path} has no rows; give the job a non-empty dataset")
+    fmt = job.data.data_format
+    if fmt == "text":
+        examples = _tokenize_text(df[job.data.text_column].astype(str).tolist(), tokenizer)
+    elif fmt == "prompt_completion":
+        examples = _tokenize_prompt_completion(
+            df[job.data.prompt_column].astype(str).tolist(),
+            df[job.data.completion_column].astype(str).tolist(),
+            tokenizer,
+            job.completion_only,
+        )
+    else:
+        convs = [_messages(v, i, path) for i, v in enumerate(df[job.data.messages_column].tolist())]
+        examples = [_tokenize_chat(c, tokenizer, job.completion_only) for c in convs]
+    limit = job.training.max_seq_length
+    out = []
+    for ex in examples:
+        ids, labels = ex["input_ids"][:limit], ex["labels"][:limit]
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise DataError(f"{path}: no example has a trainable token within max_seq_length={limit}; raise max_seq_length")
+    return out
+
+
+def _tokenize_text(texts: list[str], tokenizer) -> list[dict[str, list[int]]]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    return [{"input_ids": bos + x + eos, "labels": bos + x + eos} for x in ids]
+
+
+def _tokenize_prompt_completion(prompts, completions, tokenizer, completion_only: bool):
+    # Tokenized separately so the boundary (and so the mask) is exact.
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    out = []
+    for p, c in zip(p_ids, c_ids, strict=True):
+        prefix = bos + p
+        ids = prefix + c + eos
+        labels = ([IGNORE_INDEX] * len(prefix) + c + eos) if completion_only else list(ids)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _tokenize_chat(messages, tokenizer, completion_only: bool) -> dict[str, list[int]]:
+    if tokenizer.chat_template is None:
+        raise DataError("data_format=chat needs a tokenizer with a chat template; the base model's tokenizer has none")
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(enc["input_ids"])
+    if not completion_only:
+        return {"input_ids": ids, "labels": list(ids)}
+    mask = enc.get("assistant_masks") or []
+    if not any(mask):
+        mask = _assistant_mask_by_prefix(messages, tokenizer, len(ids))
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]}
+
+
+def _assistant_mask_by_prefix(messages, tokenizer, n: int) -> list[int]:
+    """Assistant mask for templates without {% generation %} markers.
+
+    The tokens an assistant turn adds are those between the conversation rendered up to
+    its generation prompt and rendered through the turn itself.
+    """
+    mask = [0] * n
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)) if i else 0
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        for j in range(start, min(end, n)):
+            mask[j] = 1
+    return mask
+
+
+def prompts_for_samples(job: JobSpec, path: Path, tokenizer, n: int) -> list[str]:
+    """The first ``n`` prompts of ``path`` rendered as the model will see them at inference."""
+    if n == 0:
+        return []
+    df = read_table(path).head(n)
+    fmt = job.data.data_format
+    if fmt == "prompt_completion":
+        return df[job.data.prompt_column].astype(str).tolist()
+    if fmt == "chat":
+        out = []
+        for i, v in enumerate(df[job.data.messages_column].tolist()):
+            msgs = _messages(v, i, path)
+            upto = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+            out.append(tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=True))
+        return out
+    # Plain text: continue the first few words.
+    return [" ".join(str(t).split()[:4]) for t in df[job.data.text_column].tolist()]
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads a batch to its longest example (dynamic padding)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            attention_mask[i, :k] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class PackingCollator:
+    """Padding-free packing: a batch becomes one row, position ids restart per example.
+
+    With no attention mask, transformers derives a block-diagonal causal mask from the
+    restarting position ids (``masking_utils.find_packed_sequence_indices``), and flash
+    attention uses varlen kernels, so no token attends across examples. The first label
+    of each example is -100 so no example learns to predict from its predecessor.
+    """
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(f["labels"][1:])
+            positions.extend(range(len(f["input_ids"])))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+
+
+class ExampleDataset:
+    """A list of tokenized examples as a map-style dataset (what Trainer expects)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    def num_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
