@@ -84,6 +84,12 @@ class OpacusDPTrainer(Trainer):
             self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The Trainer clears grads with model.zero_grad(), which leaves Opacus' per-sample
+        # grads (and its processed flags) behind; one Poisson batch is one step, so clear here.
+        self.optimizer.zero_grad(set_to_none=True)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
