@@ -1,0 +1,220 @@
+"""Data checks: fail fast, before any GPU time, naming the rule, the count and the rows.
+
+Column, type, null/blank and duplicate rules are a pandera schema validated lazily (every
+failure collected, not just the first); message structure, token length against
+``max_seq_length`` (the base model's fast tokenizer, through ``tokenizers``) and
+train/eval leakage are checked here. ``data_report.json`` is written whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from loraflow import dataset
+from loraflow.errors import DataCheckError
+
+MAX_EXAMPLES = 5
+# Tokens a format adds around the content (bos/eos, role markers): an upper bound is fine,
+# the check is there to catch rows that would be silently truncated.
+_OVERHEAD = {"text": 2, "prompt_completion": 2, "chat_per_message": 3}
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    passed: bool
+    count: int = 0
+    rows: list[int] = field(default_factory=list)
+    detail: str = ""
+
+    def message(self) -> str:
+        where = f" (first rows/lines: {', '.join(map(str, self.rows))})" if self.rows else ""
+        return f"rule {self.rule}: {self.count} row(s) fail{where}; {self.detail}"
+
+
+def _schema(data_format: str) -> pa.DataFrameSchema:
+    not_blank = pa.Check(lambda s: s.astype(str).str.strip().str.len() > 0, name="not_blank")
+    cols = {c: pa.Column(object if data_format == "chat" else str, nullable=False,
+                         checks=None if data_format == "chat" else [not_blank])
+            for c in dataset.FORMAT_COLUMNS[data_format]}
+    return pa.DataFrameSchema(cols, strict=True, coerce=False)
+
+
+_FIXES = {
+    "column_in_schema": "drop the extra column(s) or pick the data_format they belong to",
+    "column_in_dataframe": "add the missing column(s) or pick the matching data_format",
+    "not_nullable": "fill or drop the empty/null rows",
+    "not_blank": "drop rows whose text is only whitespace",
+    "dtype": "store these columns as strings",
+}
+
+
+def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
+    try:
+        _schema(data_format).validate(df, lazy=True)
+        return []
+    except pa.errors.SchemaErrors as exc:
+        fc = exc.failure_cases
+    results = []
+    for check, group in fc.groupby(fc["check"].astype(str), sort=False):
+        name = check.split("(")[0].replace("dtype", "dtype")
+        if check.startswith("dtype"):
+            name = "wrong_type"
+        elif check in ("not_nullable",):
+            name = "null_text"
+        elif check == "not_blank":
+            name = "blank_text"
+        elif check == "column_in_schema":
+            name = "extra_columns"
+        elif check == "column_in_dataframe":
+            name = "missing_columns"
+        idx = [int(i) for i in group["index"].dropna().tolist()[:MAX_EXAMPLES]]
+        cases = ", ".join(str(c) for c in group["failure_case"].head(MAX_EXAMPLES).tolist())
+        detail = _FIXES.get(check if not check.startswith("dtype") else "dtype", "fix the data")
+        if name in ("extra_columns", "missing_columns", "wrong_type"):
+            detail = f"{cases}: {detail}"
+        results.append(RuleResult(name, False, len(group), idx, detail))
+    return results
+
+
+def _messages_rule(df: pd.DataFrame) -> tuple[RuleResult, pd.Series]:
+    parsed = df["messages"].map(dataset.canonical_messages)
+    def bad(m):
+        return (m is None or any(x["role"] not in dataset.ROLES or not x["content"].strip() for x in m)
+                or not any(x["role"] == "assistant" for x in m))
+    mask = parsed.map(bad)
+    rows = df.index[mask.to_numpy()].tolist()
+    return RuleResult("malformed_messages", not rows, len(rows), rows[:MAX_EXAMPLES],
+                      "each row needs a JSON list of {role, content} with roles system/user/assistant/tool, "
+                      "non-empty content and at least one assistant turn"), parsed
+
+
+def _duplicates_rule(keys: pd.Series) -> RuleResult:
+    dup = keys.duplicated(keep="first")
+    rows = keys.index[dup.to_numpy()].tolist()
+    return RuleResult("duplicates", not rows, len(rows), rows[:MAX_EXAMPLES],
+                      "remove the repeated rows (preprocessing would drop them and skew the row count)")
+
+
+def _texts_for_length(df: pd.DataFrame, data_format: str, parsed) -> tuple[list[str], np.ndarray]:
+    if data_format == "text":
+        return df["text"].astype(str).tolist(), np.full(len(df), _OVERHEAD["text"])
+    if data_format == "prompt_completion":
+        return (df["prompt"].astype(str) + df["completion"].astype(str)).tolist(), np.full(len(df), _OVERHEAD["prompt_completion"])
+    texts = parsed.map(lambda m: "".join(x["content"] for x in m) if m else "").tolist()
+    overhead = parsed.map(lambda m: 1 + _OVERHEAD["chat_per_message"] * len(m) if m else 0).to_numpy()
+    return texts, overhead
+
+
+def token_lengths(texts: list[str], tokenizer_json: Path) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    tok.no_padding()
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return np.fromiter((len(e) for e in encode(texts, add_special_tokens=False)), dtype=np.int64, count=len(texts))
+
+
+def _length_rule(lengths: np.ndarray, index: pd.Index, max_seq_length: int) -> RuleResult:
+    over = lengths > max_seq_length
+    rows = index[over].tolist()
+    return RuleResult("too_long", not rows, len(rows), rows[:MAX_EXAMPLES],
+                      f"these exceed max_seq_length={max_seq_length} tokens (longest {int(lengths.max()) if len(lengths) else 0}); "
+                      "raise max_seq_length or shorten/drop them")
+
+
+def check(
+    path: Path,
+    data_format: str,
+    *,
+    max_seq_length: int,
+    min_rows: int,
+    tokenizer_json: Path | None,
+    eval_path: Path | None = None,
+    report_path: Path | None = None,
+) -> dict[str, Any]:
+    """Run every rule; write the report; raise DataCheckError naming each failed rule."""
+    started = time.perf_counter()
+    report: dict[str, Any] = {"dataset": str(path), "data_format": data_format, "rules": []}
+    try:
+        results = _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval_path, report)
+    except DataCheckError as exc:
+        report.update(passed=False, error=str(exc), seconds=time.perf_counter() - started)
+        _write(report_path, report)
+        raise
+    failed = [r for r in results if not r.passed]
+    report["rules"] = [r.__dict__ for r in results]
+    report["passed"] = not failed
+    report["seconds"] = time.perf_counter() - started
+    _write(report_path, report)
+    if failed:
+        raise DataCheckError(f"{path.name} failed {len(failed)} data check(s): " + " | ".join(r.message() for r in failed))
+    return report
+
+
+def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval_path, report) -> list[RuleResult]:
+    df = dataset.read(path)
+    report["rows"] = int(len(df))
+    report["columns"] = [str(c) for c in df.columns]
+    results = _pandera_rules(df, data_format)
+    structural = {"missing_columns", "extra_columns", "wrong_type"}
+    if any(r.rule in structural for r in results):
+        return results  # the content rules below need the right columns
+    results.append(RuleResult("min_rows", len(df) >= min_rows, max(0, min_rows - len(df)), [],
+                              f"the dataset has {len(df)} rows, fewer than min_rows={min_rows}; add data or lower min_rows"))
+    bad_rows = set()
+    for r in results:
+        if r.rule in ("null_text", "blank_text"):
+            bad_rows.update(r.rows)
+    parsed = None
+    usable = df
+    if data_format == "chat":
+        rule, parsed = _messages_rule(df)
+        results.append(rule)
+        usable = df[parsed.map(lambda m: m is not None).to_numpy()]
+        parsed = parsed.loc[usable.index]
+    else:
+        usable = df.dropna(subset=list(dataset.FORMAT_COLUMNS[data_format]))
+    keys = dataset.keys(usable, data_format)
+    results.append(_duplicates_rule(keys))
+    if tokenizer_json is not None and tokenizer_json.exists() and len(usable):
+        texts, overhead = _texts_for_length(usable, data_format, parsed)
+        lengths = token_lengths(texts, tokenizer_json) + overhead
+        report["token_lengths"] = {"max": int(lengths.max()), "p50": float(np.percentile(lengths, 50)),
+                                   "p95": float(np.percentile(lengths, 95)), "mean": float(lengths.mean())}
+        results.append(_length_rule(lengths, usable.index, max_seq_length))
+    else:
+        report["token_lengths"] = None
+        report["notes"] = ["token length not checked: no local tokenizer.json for the base model (the trainer truncates)"]
+    if eval_path is not None:
+        results.append(_leakage_rule(keys, eval_path, data_format))
+    return results
+
+
+def _leakage_rule(train_keys: pd.Series, eval_path: Path, data_format: str) -> RuleResult:
+    ev = dataset.read(eval_path)
+    missing = [c for c in dataset.FORMAT_COLUMNS[data_format] if c not in ev.columns]
+    if missing:
+        return RuleResult("train_eval_leakage", False, len(ev), [], f"the eval file lacks column(s) {', '.join(missing)}")
+    train_norm = set(dataset.normalise(train_keys))
+    leaked = dataset.normalise(dataset.keys(ev, data_format)).isin(train_norm)
+    rows = ev.index[leaked.to_numpy()].tolist()
+    return RuleResult("train_eval_leakage", not rows, len(rows), rows[:MAX_EXAMPLES],
+                      f"these rows of {eval_path.name} also appear (ignoring case/spacing) in the training data; remove them from one side")
+
+
+def _write(path: Path | None, report: dict[str, Any]) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)

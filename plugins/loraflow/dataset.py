@@ -1,0 +1,108 @@
+"""Reading a dataset file and naming its rows: shared by the data checks and preprocessing.
+
+Reads CSV, JSONL and Parquet into a DataFrame with one ``key`` per row (the content that
+makes two rows the same example) and the row's line number in the file, so every error
+can point at a line a person can open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from loraflow.errors import DataCheckError
+
+FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+_SPACE = re.compile(r"\s+")
+
+
+def read(path: Path) -> pd.DataFrame:
+    """The file as a DataFrame indexed by each row's line number in the file (row number for Parquet)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            df = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise DataCheckError(f"rule readable: {path.name} is not a readable Parquet file ({str(exc)[:160]}); re-export it") from None
+        df.index = pd.RangeIndex(1, len(df) + 1)
+        return df
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataCheckError(
+            f"rule undecodable_bytes: {path.name} line {line} has bytes that are not UTF-8 (byte {exc.start}); "
+            "re-encode the file as UTF-8"
+        ) from None
+    if suffix == ".csv":
+        try:
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+        except Exception as exc:
+            raise DataCheckError(f"rule readable: {path.name} is not valid CSV ({str(exc)[:160]}); fix the quoting/columns") from None
+        df.index = pd.RangeIndex(2, len(df) + 2)  # line 1 is the header
+        return df
+    return _read_jsonl(text, path.name)
+
+
+def _read_jsonl(text: str, name: str) -> pd.DataFrame:
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataCheckError(f"rule malformed_json: {name} line {i} is not valid JSON ({exc.msg}); fix that line") from None
+        if not isinstance(row, dict):
+            raise DataCheckError(f"rule malformed_json: {name} line {i} is a {type(row).__name__}, not an object; one JSON object per line")
+        rows.append(row)
+    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
+    df = pd.DataFrame.from_records(rows)
+    df.index = pd.Index(numbers, dtype="int64")
+    return df
+
+
+def canonical_messages(value) -> list[dict[str, str]] | None:
+    """A messages cell as a list of {role, content}, or None when it is not one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def keys(df: pd.DataFrame, data_format: str) -> pd.Series:
+    """The content of each row as one string (what duplicates and the split look at)."""
+    if data_format == "text":
+        return df["text"].astype(str)
+    if data_format == "prompt_completion":
+        return df["prompt"].astype(str) + "\x1f" + df["completion"].astype(str)
+    return df["messages"].map(lambda v: json.dumps(canonical_messages(v), ensure_ascii=False, sort_keys=True))
+
+
+def normalise(key: pd.Series) -> pd.Series:
+    """Case- and whitespace-insensitive content: near-duplicates share it (leakage checks, split)."""
+    return key.str.lower().str.replace(_SPACE, " ", regex=True).str.strip()
+
+
+def split_bucket(norm_keys: pd.Series) -> pd.Series:
+    """A stable number in [0, 1) per row from its normalised content (not its position)."""
+    return norm_keys.map(lambda k: int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") / 2**64)

@@ -1,0 +1,147 @@
+"""The trigger form: one Airflow ``Param`` per setting a user changes, grouped in sections.
+
+Names are the job spec's field names (plus a few pipeline settings), and types, ranges and
+enums come from the job spec's JSON schema, so the form and the trainer cannot drift: the
+UI rejects a bad value before anything runs, and ``workspace.prepare`` validates again.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from airflow.sdk import Param
+from loraflow_trainer import spec
+
+# name -> (section, title, description); defaults come from the job spec unless given.
+_SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
+    "base_model": ("Model", "Base model", "A model directory under the model cache (LORAFLOW_MODELS), or a hub id such as org/name."),
+    "quantization": ("Model", "Quantization", "none trains LoRA on full-precision weights; 4bit is QLoRA (NF4); 8bit is LLM.int8."),
+    "rope_scaling_factor": ("Model", "RoPE scaling factor", "Linear RoPE scaling to extend the context; empty keeps the model's own."),
+    "data_format": ("Data", "Data format", "text (a text column), prompt_completion (prompt + completion) or chat (a messages column)."),
+    "lora_r": ("LoRA", "LoRA rank (r)", "Rank of the low-rank update; 8-64 is typical."),
+    "lora_alpha": ("LoRA", "LoRA alpha", "Scaling numerator; the update is scaled by alpha / r."),
+    "lora_dropout": ("LoRA", "LoRA dropout", "Dropout on the LoRA input during training."),
+    "use_rslora": ("LoRA", "rsLoRA", "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."),
+    "num_train_epochs": ("Training", "Epochs", "Passes over the training data (ignored when max steps is set)."),
+    "max_steps": ("Training", "Max steps", "Stop after this many optimizer steps; -1 trains for the epochs."),
+    "learning_rate": ("Training", "Learning rate", "Peak learning rate of the scheduler."),
+    "per_device_train_batch_size": ("Training", "Batch size", "Examples per device per step."),
+    "gradient_accumulation_steps": ("Training", "Gradient accumulation", "Steps to accumulate before an optimizer step."),
+    "max_seq_length": ("Training", "Max sequence length", "Tokens per example; the data check fails rows longer than this."),
+    "warmup_steps": ("Training", "Warm-up steps", "Linear warm-up steps."),
+    "lr_scheduler_type": ("Training", "LR scheduler", "Learning-rate schedule."),
+    "packing": ("Training", "Packing", "Pack examples into one row without cross-example attention (faster on short examples)."),
+    "loss_on": ("Training", "Loss on", "completion: learn only completions / assistant turns; all: every token."),
+    "seed": ("Training", "Seed", "Random seed for initialisation and data order."),
+    "dp_enabled": ("Privacy", "Differential privacy", "Train with DP-SGD (Opacus); epsilon is reported in the metrics."),
+    "dp_target_epsilon": ("Privacy", "Target epsilon", "Privacy budget to reach at the end of training (lower is more private)."),
+    "dp_max_grad_norm": ("Privacy", "Per-sample clip norm", "DP-SGD clips each example's gradient to this norm."),
+    "num_sample_generations": ("Evaluation", "Sample generations", "Prompts to generate from before and after training (samples.jsonl)."),
+}
+
+# Pipeline settings that are not part of the job spec.
+_PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
+    "dataset_path": {
+        "default": "examples/data/sample_chat.jsonl", "type": "string", "minLength": 1, "maxLength": 4096,
+        "section": "Data", "title": "Dataset path",
+        "description": "A CSV, JSONL or Parquet file under an allowed data root (LORAFLOW_DATA_ROOTS); relative paths resolve against the repository.",
+    },
+    "eval_fraction": {
+        "default": 0.1, "type": "number", "minimum": 0.0, "maximum": 0.5,
+        "section": "Data", "title": "Eval fraction",
+        "description": "Share of rows held out for eval loss, chosen by content hash (stable across runs).",
+    },
+    "min_rows": {
+        "default": 20, "type": "integer", "minimum": 1, "maximum": 100_000_000,
+        "section": "Data", "title": "Minimum rows", "description": "Fewer usable rows than this fails the data check.",
+    },
+    "registered_model_name": {
+        "default": "loraflow-model", "type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        "section": "Registry", "title": "Registered model name", "description": "MLflow registered model to add a version to.",
+    },
+    "promotion_metric": {
+        "default": "eval_loss", "type": "string", "enum": ["eval_loss", "perplexity", "train_loss", "final_train_loss"],
+        "section": "Registry", "title": "Promotion metric",
+        "description": "The new version becomes champion only if it is lower than the champion's on this metric.",
+    },
+    "runtime": {
+        "default": None, "type": ["null", "string"], "enum": [None, "local", "docker"],
+        "section": "Runtime", "title": "Runtime",
+        "description": "docker runs the trainer image (DockerOperator); local runs the same CLI as a subprocess. Empty uses LORAFLOW_RUNTIME.",
+    },
+    "gpus": {
+        "default": "all", "type": "string", "pattern": r"^(all|none|\d+(,\d+)*)$",
+        "section": "Runtime", "title": "GPUs",
+        "description": "all GPUs, none (CPU), or device ids such as 0,1 (docker runtime).",
+    },
+    "memory_limit": {
+        "default": "", "type": "string", "pattern": r"^(|\d+[kmg])$",
+        "section": "Runtime", "title": "Container memory limit", "description": "e.g. 32g; empty means no limit (docker runtime).",
+    },
+}
+
+PIPELINE_PARAM_NAMES = frozenset(_PIPELINE_PARAMS)
+
+
+@cache
+def _field_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of each job spec field by name, with pydantic's $refs and anyOf flattened."""
+    schema = spec.json_schema()
+    out: dict[str, dict[str, Any]] = {}
+    for section in schema.get("$defs", {}).values():
+        for name, prop in section.get("properties", {}).items():
+            out[name] = _flatten(prop)
+    return out
+
+
+def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: v for k, v in prop.items() if k in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "minLength", "const")}
+    if "anyOf" in prop:
+        types, merged = [], {}
+        for alt in prop["anyOf"]:
+            alt = _flatten(alt)
+            t = alt.pop("type", None)
+            if "const" in alt:
+                merged.setdefault("enum", []).append(alt.pop("const"))
+            if t:
+                types.extend(t if isinstance(t, list) else [t])
+            merged.update({k: v for k, v in alt.items() if k != "enum"})
+        keep.update(merged)
+        keep["type"] = sorted(set(types)) if len(set(types)) > 1 else (types[0] if types else "string")
+    if "const" in keep:
+        keep["enum"] = [keep.pop("const")]
+    return keep
+
+
+def _default(name: str) -> Any:
+    section = spec.SECTION_OF[name]
+    model = {"model": spec.ModelSpec, "data": spec.DataSpec, "lora": spec.LoraSpec, "training": spec.TrainingSpec,
+             "privacy": spec.PrivacySpec, "evaluation": spec.EvalSpec}[section]
+    field = model.model_fields[name]
+    return None if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
+    """The DAG's params. ``defaults`` overrides default values (e.g. the demo's base model)."""
+    defaults = defaults or {}
+    params: dict[str, Param] = {}
+    for name, schema in _PIPELINE_PARAMS.items():
+        schema = dict(schema)
+        default = defaults.get(name, schema.pop("default"))
+        params[name] = Param(default, **schema)
+    for name, (section, title, description) in _SPEC_PARAMS.items():
+        schema = dict(_field_schemas()[name])
+        default = defaults.get(name, _default(name))
+        if name == "base_model":
+            schema = {"type": "string", "minLength": 1, "maxLength": 4096}
+            default = defaults.get(name, "tiny-llama")
+        params[name] = Param(default, title=title, description=description, section=section, **schema)
+    return params
+
+
+def split(conf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trigger conf -> (pipeline settings, job spec fields). Unknown names are an error."""
+    pipeline = {k: v for k, v in conf.items() if k in PIPELINE_PARAM_NAMES}
+    job = {k: v for k, v in conf.items() if k not in PIPELINE_PARAM_NAMES}
+    return pipeline, job

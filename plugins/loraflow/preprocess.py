@@ -1,0 +1,98 @@
+"""Preprocessing: normalise a checked dataset into the training format and fingerprint it.
+
+CSV/JSONL/Parquet in; ``data/train.parquet`` and ``data/eval.parquet`` out with the
+normalised columns (text | prompt, completion | messages as a JSON string), duplicates
+dropped, and a train/eval split chosen by a hash of each row's normalised content, so the
+split does not depend on row order and near-duplicates never straddle it. The
+fingerprint hashes the normalised data and the job spec: the same data and settings give
+the same fingerprint, which is how scheduled runs know they have nothing new to train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loraflow import dataset
+from loraflow_trainer.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    fingerprint: str
+    train_rows: int
+    eval_rows: int
+    dropped_duplicates: int
+
+
+def normalised_frame(df: pd.DataFrame, data_format: str) -> pd.DataFrame:
+    if data_format == "chat":
+        msgs = df["messages"].map(lambda v: json.dumps(dataset.canonical_messages(v), ensure_ascii=False))
+        return pd.DataFrame({"messages": msgs.to_numpy()})
+    cols = dataset.FORMAT_COLUMNS[data_format]
+    return pd.DataFrame({c: df[c].astype(str).to_numpy() for c in cols})
+
+
+def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float, eval_source: Path | None = None) -> Preprocessed:
+    fmt = job.data.data_format
+    df = dataset.read(source)
+    keys = dataset.keys(df, fmt)
+    keep = ~keys.duplicated(keep="first").to_numpy()
+    df, keys = df[keep], keys[keep]
+    norm = dataset.normalise(keys)
+    out = normalised_frame(df, fmt)
+    if eval_source is not None:
+        ev = dataset.read(eval_source)
+        train, evaluation = out, normalised_frame(ev, fmt)
+        row_hashes = _hashes(pd.concat([keys, dataset.keys(ev, fmt)]))
+    else:
+        is_eval = (dataset.split_bucket(norm) < eval_fraction).to_numpy()
+        train, evaluation = out[~is_eval], out[is_eval]
+        row_hashes = _hashes(keys)
+    data_dir = workspace / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _write_parquet(train, data_dir / "train.parquet")
+    if job.data.eval_path:
+        _write_parquet(evaluation, data_dir / "eval.parquet")
+    fingerprint = hashlib.sha256(("\n".join(sorted(row_hashes)) + "\n" + job.spec_hash()).encode()).hexdigest()
+    schema = dataset_schema(train, fmt, source, len(train), len(evaluation))
+    _write_json(workspace / "dataset_schema.json", schema)
+    result = Preprocessed(fingerprint, len(train), len(evaluation), int((~keep).sum()))
+    _write_json(workspace / "fingerprint.json", {"fingerprint": fingerprint, "spec_hash": job.spec_hash(), **result.__dict__})
+    # The trainer records the fingerprint in metadata.json: put it in the spec it reads.
+    job.model_copy(update={"data_fingerprint": fingerprint}).write(workspace / "job.json")
+    return result
+
+
+def dataset_schema(df: pd.DataFrame, data_format: str, source: Path, train_rows: int, eval_rows: int) -> dict[str, Any]:
+    return {
+        "data_format": data_format,
+        "source": str(source),
+        "columns": [{"name": c, "type": "string", "role": data_format} for c in df.columns],
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "split": "blake2b(normalised content) < eval_fraction",
+    }
+
+
+def _hashes(keys: pd.Series) -> list[str]:
+    return [hashlib.sha256(k.encode()).hexdigest() for k in keys.tolist()]
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

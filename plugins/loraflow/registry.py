@@ -1,0 +1,283 @@
+"""The one module that writes to MLflow: runs, params, metrics, artifacts, versions, aliases.
+
+Idempotency is ours (the MLflow client retries POSTs, and a register task may be retried
+after a crash): the MLflow run and the model version carry the tag ``loraflow.run_key``
+(``<dag_id>/<run_id>``, no try number), and every step looks for its tagged result before
+creating one. Aliases are read with ``get_model_version_by_alias`` (the SQL store returns
+no aliases from ``search_model_versions``). A server that cannot be reached raises
+``RegistryUnavailable`` (retryable); the outputs stay in the workspace for the retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraflow.errors import RegistryError, RegistryUnavailable
+
+TAG_PREFIX = "loraflow."
+RUN_KEY = "loraflow.run_key"
+DAG_ID = "loraflow.dag_id"
+RUN_ID = "loraflow.run_id"
+FINGERPRINT = "loraflow.data_fingerprint"
+SPEC_HASH = "loraflow.spec_hash"
+BASE_MODEL = "loraflow.base_model"
+IMAGE = "loraflow.image"
+IMAGE_DIGEST = "loraflow.image_digest"
+GATE_METRIC = "loraflow.gate_metric"
+GATE_VALUE = "loraflow.gate_value"
+RUNTIME = "loraflow.runtime"
+PROMOTION_REASON = "loraflow.promotion_reason"
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def experiment_name(model_name: str) -> str:
+    return f"loraflow/{model_name}"
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+@contextlib.contextmanager
+def reachable(uri: str) -> Iterator[None]:
+    """Turn "cannot reach the server" into RegistryUnavailable; let real refusals through."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except requests.exceptions.RequestException as exc:
+        raise RegistryUnavailable(f"MLflow at {uri} is unreachable ({type(exc).__name__}); the task retries, outputs stay in the workspace") from None
+    except MlflowException as exc:
+        text = str(exc)
+        if any(s in text for s in ("Max retries exceeded", "Connection refused", "API request to", "Read timed out", "503", "502", "504")):
+            raise RegistryUnavailable(f"MLflow at {uri} is unreachable ({text.splitlines()[0][:200]}); the task retries, outputs stay in the workspace") from None
+        raise
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    run_id: str
+    aliases: list[str]
+    champion_version: str | None
+    created: bool
+
+
+def verify_outputs(output_dir: Path) -> dict[str, Any]:
+    """Refuse outputs that are incomplete or altered since the trainer wrote them."""
+    if not (output_dir / "_SUCCESS").exists():
+        raise RegistryError(f"{output_dir} has no _SUCCESS marker: training did not finish; re-run the train task")
+    metadata = json.loads((output_dir / "metadata.json").read_text())
+    for rel, expected in metadata.get("checksums", {}).items():
+        path = output_dir / rel
+        if not path.exists():
+            raise RegistryError(f"{path} listed in metadata.json is missing; re-run the train task")
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        if h != expected:
+            raise RegistryError(f"{path} does not match its checksum in metadata.json (corrupted or altered); re-run the train task")
+    return metadata
+
+
+def find_version(mc, name: str, tag: str, value: str):
+    """Model versions of ``name`` whose ``tag`` equals ``value`` (oldest first)."""
+    versions = mc.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def is_registered(uri: str, name: str, fingerprint: str) -> bool:
+    """Whether a version of ``name`` was already trained on this fingerprint (data + settings)."""
+    from mlflow.exceptions import MlflowException
+
+    mc = client(uri)
+    with reachable(uri):
+        try:
+            return bool(find_version(mc, name, FINGERPRINT, fingerprint))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+                return False
+            raise
+
+
+def _run_for_key(mc, experiment: str, run_key: str, tags: dict[str, str]) -> str:
+    exp = mc.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mc.create_experiment(experiment)
+    runs = mc.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = mc.create_run(exp_id, tags={**tags, "mlflow.runName": run_key.replace("/", " ")})
+    return run.info.run_id
+
+
+def start_run(uri: str, model_name: str, run_key: str, tags: dict[str, str]) -> str:
+    """The MLflow run of this DAG run (created once, found again on retries)."""
+    with reachable(uri):
+        return _run_for_key(client(uri), experiment_name(model_name), run_key, {RUN_KEY: run_key, **tags})
+
+
+def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+    from mlflow.entities import Metric, Param
+
+    existing = mc.get_run(run_id).data.params
+    plist = [Param(k, _param_value(v)) for k, v in sorted(params.items()) if k not in existing]
+    mlist = [Metric(k, float(v), 0, 0) for k, v in sorted(metrics.items())
+             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    for i in range(0, max(len(plist), 1), 100):
+        mc.log_batch(run_id, params=plist[i:i + 100], metrics=mlist if i == 0 else [])
+    out = workspace / "output"
+    mc.log_artifacts(run_id, str(out / "model"), "model")
+    for name in ("metrics.json", "metadata.json", "samples.jsonl"):
+        if (out / name).exists():
+            mc.log_artifact(run_id, str(out / name))
+    for name in ("data_report.json", "dataset_schema.json"):
+        if (workspace / name).exists():
+            mc.log_artifact(run_id, str(workspace / name), "data")
+
+
+def _log_dataset(mc, run_id: str, workspace: Path, source: str, name: str) -> None:
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    for split in ("train", "eval"):
+        path = workspace / "data" / f"{split}.parquet"
+        if not path.exists():
+            continue
+        ds = mlflow.data.from_pandas(pd.read_parquet(path), source=source, name=f"{name}-{split}")
+        mc.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)])])
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, list | dict) else str(v)
+    return s[:6000]
+
+
+def register(
+    uri: str,
+    *,
+    name: str,
+    run_key: str,
+    workspace: Path,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    gate_metric: str,
+    dataset_source: str,
+) -> Registration:
+    """Log the run and register its model as a version of ``name``; move aliases. Idempotent."""
+    from mlflow.exceptions import MlflowException
+
+    out = workspace / "output"
+    verify_outputs(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    mc = client(uri)
+    with reachable(uri):
+        run_id = _run_for_key(mc, experiment_name(name), run_key, {RUN_KEY: run_key, **tags})
+        existing = _existing_version(mc, name, run_key)
+        if existing is None:
+            _log_run(mc, run_id, workspace, params, metrics)
+            if not mc.get_run(run_id).inputs.dataset_inputs:
+                _log_dataset(mc, run_id, workspace, dataset_source, name)
+            with contextlib.suppress(MlflowException):
+                mc.create_registered_model(name, description="LoRA adapters fine-tuned by loraflow")
+            gate_value = metrics.get(gate_metric)
+            version_tags = {RUN_KEY: run_key, **tags, GATE_METRIC: gate_metric,
+                            GATE_VALUE: "" if gate_value is None else str(gate_value)}
+            artifact_uri = mc.get_run(run_id).info.artifact_uri
+            mv = mc.create_model_version(name, f"{artifact_uri}/model", run_id=run_id, tags=version_tags)
+            version = _dedupe(mc, name, run_key, mv.version)
+            created = True
+        else:
+            version, created = existing, False
+        champion = _move_aliases(mc, name, version, gate_metric, metrics.get(gate_metric))
+        aliases = sorted(mc.get_model_version(name, version).aliases)
+    return Registration(name, version, run_id, aliases, champion, created)
+
+
+def _existing_version(mc, name: str, run_key: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = find_version(mc, name, RUN_KEY, run_key)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            return None
+        raise
+    return found[0].version if found else None
+
+
+def _dedupe(mc, name: str, run_key: str, version: str) -> str:
+    """Keep the oldest version of this run key: a POST retried after a 5xx may have made two."""
+    found = find_version(mc, name, RUN_KEY, run_key)
+    for extra in found[1:]:
+        mc.delete_model_version(name, extra.version)
+    return found[0].version if found else version
+
+
+def _alias_version(mc, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mc.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any) -> str:
+    """challenger -> this version; champion -> this version if it beats the champion. Returns the champion."""
+    mc.set_registered_model_alias(name, CHALLENGER, version)
+    champion = _alias_version(mc, name, CHAMPION)
+    if champion is None:
+        mc.set_registered_model_alias(name, CHAMPION, version)
+        mc.set_model_version_tag(name, version, PROMOTION_REASON, "first version")
+        return version
+    if champion.version == version:
+        return version
+    theirs = _gate_value(mc, champion, gate_metric)
+    if value is not None and (theirs is None or _better(float(value), theirs, gate_metric)):
+        mc.set_registered_model_alias(name, CHAMPION, version)
+        mc.set_model_version_tag(name, version, PROMOTION_REASON, f"{gate_metric} {float(value):.6g} beats v{champion.version}'s {theirs}")
+        return version
+    return champion.version
+
+
+def _gate_value(mc, mv, metric: str) -> float | None:
+    if mv.run_id:
+        value = mc.get_run(mv.run_id).data.metrics.get(metric)
+        if value is not None:
+            return float(value)
+    raw = (mv.tags or {}).get(GATE_VALUE)
+    return float(raw) if raw else None
+
+
+def _better(ours: float, theirs: float, metric: str) -> bool:
+    return ours < theirs if lower_is_better(metric) else ours > theirs
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Close the MLflow run with the pipeline's true status (FINISHED or FAILED)."""
+    with reachable(uri):
+        mc = client(uri)
+        mc.set_tag(run_id, "loraflow.pipeline_status", status)
+        mc.set_terminated(run_id, status=status)
+
+
+def http_defaults() -> None:
+    """Short client timeouts inside Airflow tasks: Airflow's retries (with backoff) do the waiting."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -1,0 +1,171 @@
+"""What each task of ``loraflow_finetune`` does, as plain functions of the task context.
+
+The DAG file only wires these together; each one is importable and testable without a
+scheduler. Failures a retry cannot fix raise ``AirflowFailException`` (no retries wasted);
+failures a retry can fix (MLflow down) raise normally so the task's retries apply.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from loraflow import checks, config, registry, workspace
+from loraflow.errors import LoraflowError
+from loraflow.preprocess import preprocess as _preprocess
+from loraflow.workspace import Pipeline
+
+SCHEDULED_RUN_TYPES = ("scheduled", "asset_triggered", "asset_materialization")
+
+
+def _fail(exc: LoraflowError):
+    if exc.retryable:
+        raise exc
+    raise AirflowFailException(str(exc)) from None
+
+
+def _run_type(context) -> str:
+    dag_run = context["dag_run"]
+    rt = getattr(dag_run, "run_type", "manual")
+    return str(getattr(rt, "value", rt))
+
+
+def prepare(context) -> str:
+    """Validate the trigger params into job.json in a fresh run workspace; return its path."""
+    dag_run = context["dag_run"]
+    try:
+        pipeline = workspace.prepare(dict(context["params"]), dag_run.dag_id, dag_run.run_id, _run_type(context))
+    except LoraflowError as exc:
+        _fail(exc)
+    return pipeline.workspace
+
+
+def check_data(ws: str) -> dict[str, Any]:
+    pipeline = Pipeline.load(ws)
+    job = workspace.load_job(ws)
+    tokenizer = Path(pipeline.base_model_host) / "tokenizer.json"
+    try:
+        report = checks.check(
+            Path(pipeline.dataset_path), job.data.data_format,
+            max_seq_length=job.training.max_seq_length, min_rows=pipeline.min_rows,
+            tokenizer_json=tokenizer if tokenizer.exists() else None,
+            report_path=Path(ws) / "data_report.json",
+        )
+    except LoraflowError as exc:
+        _fail(exc)
+    return {"rows": report["rows"], "passed": report["passed"]}
+
+
+def preprocess(ws: str) -> dict[str, Any]:
+    pipeline = Pipeline.load(ws)
+    result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction)
+    return result.__dict__
+
+
+def should_train(ws: str) -> bool:
+    """Manual runs always train; scheduled/asset runs train only on a new fingerprint."""
+    pipeline = Pipeline.load(ws)
+    if pipeline.run_type not in SCHEDULED_RUN_TYPES:
+        return True
+    fingerprint = json.loads((Path(ws) / "fingerprint.json").read_text())["fingerprint"]
+    registry.http_defaults()
+    seen = registry.is_registered(config.tracking_uri(), pipeline.registered_model_name, fingerprint)
+    if seen:
+        print(f"loraflow: data fingerprint {fingerprint[:12]} with these settings is already registered "
+              f"in {pipeline.registered_model_name}; nothing new to train")
+    return not seen
+
+
+def _lineage(pipeline: Pipeline, job, train_result: dict[str, Any] | None) -> dict[str, str]:
+    train_result = train_result or {}
+    return {
+        registry.DAG_ID: pipeline.dag_id,
+        registry.RUN_ID: pipeline.run_id,
+        registry.FINGERPRINT: job.data_fingerprint or "",
+        registry.SPEC_HASH: job.spec_hash(),
+        registry.BASE_MODEL: job.model.base_model,
+        registry.RUNTIME: str(train_result.get("runtime") or pipeline.runtime),
+        registry.IMAGE: str(train_result.get("image") or ""),
+        registry.IMAGE_DIGEST: str(train_result.get("image_digest") or ""),
+    }
+
+
+def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str, Any]:
+    pipeline = Pipeline.load(ws)
+    job = workspace.load_job(ws)
+    registry.http_defaults()
+    params = {**job.flat_params(), "dataset_path": pipeline.dataset_path, "eval_fraction": pipeline.eval_fraction,
+              "registered_model_name": pipeline.registered_model_name, "promotion_metric": pipeline.promotion_metric,
+              "runtime": pipeline.runtime}
+    try:
+        reg = registry.register(
+            config.tracking_uri(), name=pipeline.registered_model_name, run_key=pipeline.run_key,
+            workspace=Path(ws), params=params, tags=_lineage(pipeline, job, train_result),
+            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path,
+        )
+    except LoraflowError as exc:
+        _fail(exc)
+    context["ti"].xcom_push(key="mlflow_run_id", value=reg.run_id)
+    print(f"loraflow: registered {reg.name} version {reg.version} (aliases: {', '.join(reg.aliases) or 'none'}; "
+          f"champion is v{reg.champion_version}; {'new' if reg.created else 'already registered by an earlier try'})")
+    return reg.__dict__
+
+
+FAILED_STATES = ("failed", "upstream_failed")
+
+
+def pipeline_failed(context) -> bool:
+    """Whether any other task of this DAG run failed (teardown's view of the run)."""
+    ti = context["ti"]
+    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])
+    mine = states.get(ti.run_id, {})
+    return any(state in FAILED_STATES for task_id, state in mine.items() if task_id != ti.task_id)
+
+
+def teardown(ws: str, context) -> dict[str, Any]:
+    """Always runs: remove this run's containers, free scratch, close the MLflow run truthfully."""
+    pipeline = Pipeline.load(ws)
+    failed = pipeline_failed(context)
+    removed = remove_containers(pipeline.run_id)
+    out = Path(ws) / "output"
+    registered = (out / "_SUCCESS").exists() and not failed
+    for scratch in list(out.glob(".staging-*")) + ([out / "checkpoints"] if registered else []):
+        shutil.rmtree(scratch, ignore_errors=True)
+    status = "FAILED" if failed else "FINISHED"
+    mlflow_run = _close_mlflow_run(pipeline, ws, status)
+    summary = {"status": status, "containers_removed": removed, "mlflow_run_id": mlflow_run,
+               "kept_checkpoints": (out / "checkpoints").exists()}
+    print(f"loraflow teardown: {json.dumps(summary)}")
+    return summary
+
+
+def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
+    """End this run's MLflow run; a failed pipeline gets a FAILED run even if it never reached register."""
+    registry.http_defaults()
+    uri = config.tracking_uri()
+    if status == "FINISHED" and not (Path(ws) / "output" / "_SUCCESS").exists():
+        return None  # skipped as already registered: nothing was tracked, nothing to close
+    job = workspace.load_job(ws)
+    run_id = registry.start_run(uri, pipeline.registered_model_name, pipeline.run_key, _lineage(pipeline, job, None))
+    registry.end_run(uri, run_id, status)
+    return run_id
+
+
+def remove_containers(run_id: str) -> list[str]:
+    """Remove every container labelled with this DAG run (none when Docker is not there)."""
+    try:
+        import docker
+
+        cli = docker.DockerClient(base_url=config.docker_url(), timeout=30)
+        cli.ping()
+    except Exception:  # no Docker engine (local runtime machines): nothing to remove
+        return []
+    removed = []
+    for c in cli.containers.list(all=True, filters={"label": f"loraflow.run_id={run_id}"}):
+        c.remove(force=True)
+        removed.append(c.name)
+    return removed
