@@ -137,12 +137,16 @@ def _assistant_mask_by_prefix(messages, tokenizer, n: int) -> list[int]:
     The tokens an assistant turn adds are those between the conversation rendered up to
     its generation prompt and rendered through the turn itself.
     """
+    def n_tokens(msgs, generation_prompt: bool) -> int:
+        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
+        return len(enc["input_ids"])
+
     mask = [0] * n
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)) if i else 0
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        start = n_tokens(messages[:i], True) if i else 0
+        end = n_tokens(messages[: i + 1], False)
         for j in range(start, min(end, n)):
             mask[j] = 1
     return mask
@@ -198,7 +202,8 @@ class PackingCollator:
 
     With no attention mask, transformers derives a block-diagonal causal mask from the
     restarting position ids (``masking_utils.find_packed_sequence_indices``), and flash
-    attention uses varlen kernels, so no token attends across examples. The first label
+    attention uses varlen kernels, so no token attends across examples. That detection
+    is skipped when a KV cache is in play, so the batch turns the cache off itself. The first label
     of each example is -100 so no example learns to predict from its predecessor.
     """
 
@@ -217,6 +222,7 @@ class PackingCollator:
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,
         }
 
 

@@ -1,0 +1,78 @@
+"""Session stack for the tests: a real MLflow server over HTTP, a migrated Airflow DB, the tiny model.
+
+Airflow reads its configuration when first imported, so the environment is set in
+``pytest_configure``, before any test module imports airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CHAT = REPO / "examples" / "data" / "sample_chat.jsonl"
+SAMPLE_PC = REPO / "examples" / "data" / "sample_prompt_completion.jsonl"
+_STATE: dict = {}
+
+
+def pytest_configure(config):
+    sys.path.insert(0, str(REPO / "plugins"))
+    from loraflow.devstack import LocalStack, free_port
+
+    home = Path(tempfile.mkdtemp(prefix="loraflow-test-"))
+    stack = LocalStack(home=home, repo=REPO, mlflow_port=free_port(), airflow_port=free_port())
+    os.environ["LORAFLOW_MODELS"] = str(home / "models")
+    os.environ["LORAFLOW_DATA_ROOTS"] = os.pathsep.join([str(home / "data"), str(REPO / "examples")])
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "20"
+    stack.configure_airflow_env()
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    _STATE["stack"] = stack
+
+
+def pytest_unconfigure(config):
+    stack = _STATE.get("stack")
+    if stack is not None:
+        stack.stop_all()
+        if not os.environ.get("LORAFLOW_KEEP_TEST_HOME"):
+            shutil.rmtree(stack.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    return _STATE["stack"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(stack) -> Path:
+    """The tiny Llama model + tokenizer, built once, trained on the sample data's vocabulary."""
+    return stack.ensure_tiny_model(corpus=SAMPLE_CHAT)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(stack) -> str:
+    stack.start_mlflow()
+    return stack.mlflow_uri
+
+
+@pytest.fixture(scope="session")
+def airflow_db(stack) -> Path:
+    stack.migrate_airflow_db()
+    return stack.airflow_home / "airflow.db"
+
+
+@pytest.fixture
+def data_dir(stack) -> Path:
+    """An allowed data root (LORAFLOW_DATA_ROOTS) for datasets a test writes."""
+    return stack.home / "data"
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
