@@ -20,7 +20,7 @@ def _train(job_path, job):
 def test_loss_goes_down_on_a_learnable_task_and_outputs_are_complete(make_job):
     job_path, job = make_job(training={"max_steps": 40, "learning_rate": 1e-2, "save_steps": 100})
     metrics, out = _train(job_path, job)
-    assert metrics["final_train_loss"] < 0.8 * metrics["first_train_loss"]
+    assert metrics["final_train_loss"] < 0.6 * metrics["first_train_loss"]
     assert metrics["eval_loss"] < metrics["first_train_loss"]
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0

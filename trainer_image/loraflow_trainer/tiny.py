@@ -102,6 +102,9 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # A frozen random head with the usual 0.02 init caps logits near uniform at this
+        # width, so LoRA could barely lower the loss; a wider init keeps the toy learnable.
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
