@@ -83,6 +83,10 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
 
 PIPELINE_PARAM_NAMES = frozenset(_PIPELINE_PARAMS)
 
+# Where the form's defaults differ from the job spec's: they match the bundled sample
+# dataset and the tiny model, so a scheduled run with defaults works out of the box.
+FORM_DEFAULTS: dict[str, Any] = {"base_model": "tiny-llama", "data_format": "chat", "max_seq_length": 256}
+
 
 @cache
 def _field_schemas() -> dict[str, dict[str, Any]]:
@@ -124,7 +128,7 @@ def _default(name: str) -> Any:
 
 def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
     """The DAG's params. ``defaults`` overrides default values (e.g. the demo's base model)."""
-    defaults = defaults or {}
+    defaults = {**FORM_DEFAULTS, **(defaults or {})}
     params: dict[str, Param] = {}
     for name, schema in _PIPELINE_PARAMS.items():
         schema = dict(schema)
@@ -135,7 +139,6 @@ def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
         default = defaults.get(name, _default(name))
         if name == "base_model":
             schema = {"type": "string", "minLength": 1, "maxLength": 4096}
-            default = defaults.get(name, "tiny-llama")
         params[name] = Param(default, title=title, description=description, section=section, **schema)
     return params
 
