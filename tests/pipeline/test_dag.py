@@ -59,17 +59,16 @@ def test_scheduled_rerun_of_the_same_data_registers_nothing(dag, run_dag, mlflow
     # Make dag.test() create the DagRun row the scheduler would (a real row in the metadata
     # DB); the tasks then see run_type=scheduled through their real context.
     import airflow.models.dagrun as dagrun_mod
+    from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunType
 
-    original = dagrun_mod.get_or_create_dagrun
-
-    def as_scheduled(*, dag, run_id, **kw):
-        run_id = run_id.replace("manual__", "scheduled__")
-        created = original(dag=dag, run_id=run_id, **kw)
-        created.run_type = DagRunType.SCHEDULED
-        kw["session"].merge(created)
-        kw["session"].commit()
-        return created
+    def as_scheduled(*, dag, run_id, logical_date, data_interval, run_after, conf, triggered_by,
+                     triggering_user_name, start_date, session):
+        return dag.create_dagrun(
+            run_id=run_id.replace("manual__", "scheduled__"), logical_date=run_after, data_interval=(run_after, run_after),
+            run_after=run_after, conf=conf, run_type=DagRunType.SCHEDULED, state=DagRunState.RUNNING,
+            triggered_by=triggered_by, triggering_user_name=None, start_date=start_date or run_after, session=session,
+        )
 
     monkeypatch.setattr(dagrun_mod, "get_or_create_dagrun", as_scheduled)
     state, tis, _ = run_dag({"max_steps": 3, "num_sample_generations": 0})
@@ -131,8 +130,8 @@ def test_invalid_trigger_params_are_rejected_before_anything_runs(dag):
            {"runtime": "kubernetes"}, {"eval_fraction": 0.9}]
     for values in bad:
         params = ParamsDict(dag.params)
-        params.update(values)
         with pytest.raises(ParamValidationError):
+            params.update(values)
             params.validate()
 
 

@@ -5,13 +5,17 @@ import json
 import pytest
 import torch
 
+from transformers import AutoTokenizer
+
 from loraflow_trainer.backend import HuggingFaceBackend
 
 
-def _train(job_path, job):
+def _train(job_path, job, inspect=None):
     backend = HuggingFaceBackend(job, job_path.parent)
     try:
         metrics = backend.train()
+        if inspect is not None:
+            inspect(backend)
     finally:
         backend.teardown()
     return metrics, job_path.parent / "output"
@@ -34,10 +38,18 @@ def test_loss_goes_down_on_a_learnable_task_and_outputs_are_complete(make_job):
     assert not list(out.glob(".staging-*"))
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_qlora_trains_with_bitsandbytes(make_job, bits):
+@pytest.mark.parametrize("bits, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_qlora_trains_with_bitsandbytes(make_job, bits, layer):
     job_path, job = make_job(model={"quantization": bits}, training={"max_steps": 3})
-    metrics, out = _train(job_path, job)
+    seen = {}
+
+    def inspect(backend):
+        base_layers = {type(m.base_layer).__name__ for m in backend.model.modules() if hasattr(m, "base_layer")}
+        seen["layers"] = base_layers
+
+    metrics, out = _train(job_path, job, inspect)
+    # The frozen base really is quantized under the LoRA adapters, not silently full precision.
+    assert seen["layers"] == {layer}
     assert metrics["global_step"] == 3 and (out / "_SUCCESS").exists()
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == job.lora.lora_r
@@ -49,6 +61,30 @@ def test_dp_sgd_reports_epsilon_within_target_and_changes_lora_weights(make_job)
     assert 0 < metrics["epsilon"] <= 4.0 + 1e-6
     assert metrics["delta"] > 0 and metrics["dp_noise_multiplier"] > 0
     assert metrics["dp_changed_lora_tensors"] > 0
+
+
+def test_dp_resume_keeps_the_privacy_already_spent(make_job):
+    job_path, job = make_job(privacy={"dp_enabled": True, "dp_target_epsilon": 8.0},
+                             training={"max_steps": 4, "save_steps": 2})
+    first, out = _train(job_path, job)
+    assert (out / "checkpoints" / "checkpoint-4" / "dp_accountant.json").exists()
+    longer = job.model_copy(update={"training": job.training.model_copy(update={"max_steps": 6})})
+    resumed, _ = _train(job_path, longer)
+    assert resumed["dp_steps"] == 6
+    # Six steps of the same mechanism cost more than four: the resumed accountant counts all of them.
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(resumed["dp_noise_multiplier"], resumed["dp_sample_rate"], 6)]
+    assert resumed["epsilon"] == pytest.approx(acc.get_epsilon(delta=resumed["delta"]), rel=1e-6)
+    assert resumed["epsilon"] > first["epsilon"]
+
+
+def test_packed_training_learns_and_reports_tokens(make_job):
+    job_path, job = make_job(training={"packing": True, "max_steps": 20, "learning_rate": 1e-2, "save_steps": 100})
+    metrics, out = _train(job_path, job)
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    assert metrics["train_tokens"] > 0 and (out / "_SUCCESS").exists()
 
 
 def test_rope_scaling_reaches_the_model_config(make_job):
@@ -85,9 +121,16 @@ def test_saved_mlflow_model_loads_and_generates(make_job):
 
     job_path, job = make_job(training={"max_steps": 2})
     _, out = _train(job_path, job)
+    mlmodel = (out / "model" / "MLmodel").read_text()
+    assert "local_base_model_path" in mlmodel and not list((out / "model").rglob("model.safetensors"))
     model = mlflow.pyfunc.load_model(str(out / "model"))
-    result = model.predict(["What is 2 plus 3?"], params={"max_new_tokens": 5})
-    assert isinstance(result[0], str)
+    tokenizer = AutoTokenizer.from_pretrained(job.model.base_model)
+    prompt = "What is 2 plus 3?"
+    for n in (2, 9):
+        [result] = model.predict([prompt], params={"max_new_tokens": n})
+        assert isinstance(result, str) and not result.startswith(prompt)
+        # max_new_tokens from the params schema reaches generate (re-tokenising may merge a token or two).
+        assert len(tokenizer(result, add_special_tokens=False)["input_ids"]) <= n
 
 
 def test_teardown_twice_is_safe(make_job):

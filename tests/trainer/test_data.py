@@ -73,8 +73,9 @@ def test_missing_column_names_the_columns(make_job, tokenizer):
 
 def test_packing_keeps_examples_apart(tiny_model, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    a = {"input_ids": tokenizer("<s>What is 3 plus 4? 3 plus 4 is 7.")["input_ids"]}
-    b = {"input_ids": tokenizer("<s>Paint the sky blue.")["input_ids"]}
+    a = {"input_ids": tokenizer("What is 3 plus 4? 3 plus 4 is 7.")["input_ids"]}
+    b = {"input_ids": tokenizer("Paint the sky blue.")["input_ids"]}
+    assert a["input_ids"][0] == b["input_ids"][0] == tokenizer.bos_token_id
     for ex in (a, b):
         ex["labels"] = list(ex["input_ids"])
     batch = data.PackingCollator()([a, b])
@@ -98,3 +99,37 @@ def test_padding_collator_pads_right_and_masks_labels(tokenizer):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 2, tokenizer.pad_token_id]]
     assert batch["labels"].tolist() == [[1, 2, 3], [-100, 2, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_empty_dataset_is_a_data_error(make_job, tokenizer):
+    job_path, job = make_job()
+    (job_path.parent / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match="no rows|cannot be read"):
+        data.load_examples(job, job_path.parent / "train.jsonl", tokenizer)
+
+
+def test_null_cell_is_a_data_error_naming_the_row(make_job, tokenizer):
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": None, "completion": " c"}]
+    job_path, job = make_job(rows=rows)
+    with pytest.raises(DataError, match=r"row 1: column 'prompt'"):
+        data.load_examples(job, job_path.parent / "train.jsonl", tokenizer)
+
+
+def test_csv_numbers_stay_text(make_job, tokenizer):
+    job_path, job = make_job()
+    (job_path.parent / "train.csv").write_text("prompt,completion\n12,34\n")
+    [ex] = data.load_examples(job, job_path.parent / "train.csv", tokenizer)
+    assert tokenizer.decode(ex["input_ids"], skip_special_tokens=True) == "1234"
+
+
+def test_sample_prompts_start_like_training_examples(make_job, tokenizer):
+    job_path, job = make_job(rows=[{"prompt": "What is 2 plus 3?", "completion": " 5."}])
+    [ex] = data.load_examples(job, job_path.parent / "train.jsonl", tokenizer)
+    [ids] = data.encode_prompts(job, ["What is 2 plus 3?"], tokenizer)
+    assert ex["input_ids"][: len(ids)] == ids and ex["labels"][len(ids)] != IGNORE_INDEX
+    chat_path, chat_job = make_job(rows=[{"messages": CHAT}], eval_rows=[{"messages": CHAT}], data_format="chat")
+    [prompt] = data.prompts_for_samples(chat_job, chat_path.parent / "train.jsonl", tokenizer, 1)
+    [chat_ids] = data.encode_prompts(chat_job, [prompt], tokenizer)
+    [chat_ex] = data.load_examples(chat_job, chat_path.parent / "train.jsonl", tokenizer)
+    # The prompt is the conversation up to the first assistant turn, BOS included once.
+    assert chat_ex["input_ids"][: len(chat_ids)] == chat_ids and chat_ids.count(tokenizer.bos_token_id) == 1
