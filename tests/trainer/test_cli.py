@@ -1,6 +1,7 @@
 """loraflow-train's exit codes: each user mistake exits with its documented code and a one-line cause."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -47,12 +48,15 @@ def test_missing_dataset_exits_bad_data(make_job):
 @pytest.mark.parametrize("content, expected", [
     ('{"question": "a", "answer": "b"}\n', "lacks column"),
     ("not json at all\n", "cannot be read"),
-])
-def test_bad_dataset_exits_bad_data(make_job, content, expected):
+    ("", "no rows"),
+    ('{"prompt": "a", "completion": " b"}\n{"prompt": null, "completion": " c"}\n', "row 1: column 'prompt'"),
+], ids=["wrong-columns", "not-jsonl", "empty", "null-cell"])
+def test_bad_dataset_exits_bad_data_before_loading_the_model(make_job, content, expected):
     job_path, _ = make_job()
     (job_path.parent / "train.jsonl").write_text(content)
     proc = _run("--job", str(job_path))
     assert proc.returncode == errors.EXIT_BAD_DATA and expected in _cause(proc)
+    assert '"event": "info"' not in proc.stdout  # the backend (torch, the model) never started
 
 
 def test_missing_model_exits_model_not_found(make_job, tmp_path):
@@ -68,3 +72,71 @@ def test_progress_is_one_json_line_per_event(make_job):
     assert "\r" not in proc.stdout
     events = [json.loads(line)["event"] for line in proc.stdout.splitlines() if line.startswith("{")]
     assert events.count("log") >= 2 and events[-1] == "saved"
+
+
+def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
+    job_path, job = make_job(training={"max_steps": 500, "save_steps": 1000}, evaluation={"num_sample_generations": 0})
+    out = job_path.parent / "output"
+    with (job_path.parent / "stderr.txt").open("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        for line in proc.stdout:  # wait until training is really under way
+            if line.startswith("{") and json.loads(line)["event"] == "log":
+                break
+        proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == errors.EXIT_INTERRUPTED
+        err.seek(0)
+        assert "interrupted" in _cause(subprocess.CompletedProcess([], proc.returncode, "", err.read()))
+    assert '"event": "signal"' in rest and not (out / "_SUCCESS").exists()
+    [checkpoint] = list((out / "checkpoints").glob("checkpoint-*"))
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 1 <= stopped_at < 500
+    # The retry (given a short budget here to keep the test fast) continues after the checkpoint.
+    retry = job.model_copy(update={"training": job.training.model_copy(update={"max_steps": stopped_at + 2})})
+    retry.write(job_path)
+    proc = _run("--job", str(job_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [e["step"] for e in map(json.loads, filter(lambda s: s.startswith("{"), proc.stdout.splitlines()))
+             if e["event"] == "log" and "loss" in e]
+    assert steps == [stopped_at + 1, stopped_at + 2]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == stopped_at + 2
+    assert (out / "_SUCCESS").exists()
+
+
+def test_cli_module_imports_without_torch():
+    # A bad spec must fail before torch loads (seconds, not tens of seconds, in the container).
+    code = "import sys, loraflow_trainer.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_make_tiny_model_is_deterministic(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."}) + "\n"
+                              for i in range(40)))
+    for name in ("a", "b"):
+        proc = _run("make-tiny-model", "--out", str(tmp_path / name), "--data", str(corpus), "--vocab-size", "300")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tok.chat_template and tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok("What is 1 plus 1?")["input_ids"][0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("make_exc, code", [
+    (lambda torch: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), errors.EXIT_OUT_OF_MEMORY),
+    (lambda torch: RuntimeError("DefaultCPUAllocator: not enough memory: out of memory"), errors.EXIT_OUT_OF_MEMORY),
+    (lambda torch: ValueError("something else broke"), errors.EXIT_FAILURE),
+], ids=["cuda-oom", "cpu-oom", "other"])
+def test_out_of_memory_maps_to_its_exit_code(make_exc, code):
+    # Real torch exception objects: an actual OOM cannot be provoked safely on a shared CPU box.
+    import torch
+
+    from loraflow_trainer.cli import classify
+
+    failure = classify(make_exc(torch))
+    assert failure.exit_code == code and ("out of memory" in str(failure)) == (code == errors.EXIT_OUT_OF_MEMORY)

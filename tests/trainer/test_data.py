@@ -1,7 +1,5 @@
 """Tokenization and collation: completion-only masks are exact, packing keeps examples apart."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

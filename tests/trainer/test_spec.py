@@ -46,3 +46,9 @@ def test_spec_and_errors_import_without_torch():
     code = "import sys, loraflow_trainer.spec, loraflow_trainer.errors; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dp_with_gradient_checkpointing_is_refused():
+    with pytest.raises(JobSpecError, match="gradient_checkpointing"):
+        spec.validate({"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"},
+                       "privacy": {"dp_enabled": True}, "training": {"gradient_checkpointing": True}})

@@ -35,10 +35,11 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
+from transformers.utils import logging as hf_logging
 
 from loraflow_trainer import data as data_mod
-from loraflow_trainer.errors import DataError, ModelNotFoundError, OutOfMemoryError
+from loraflow_trainer.errors import ModelNotFoundError, OutOfMemoryError
 from loraflow_trainer.spec import JobSpec
 
 # Trainer arguments loraflow fixes: the job spec does not expose them because changing
@@ -93,6 +94,11 @@ class LineLogCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume the state already holds the tokens of earlier attempts.
+        self.tokens_at_start = int(state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -102,22 +108,39 @@ class LineLogCallback(TrainerCallback):
 
 
 class StopOnSignalCallback(TrainerCallback):
-    """On SIGTERM/SIGINT, checkpoint at the end of the current step and stop, so a retry resumes."""
+    """On SIGTERM/SIGINT, checkpoint at the end of the current step and stop, so a retry resumes.
+
+    The handlers live only while the training loop runs; outside it the process's own
+    handlers apply (the CLI turns SIGTERM into an interrupt).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signalled: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         print(json.dumps({"event": "signal", "signal": signal.Signals(signum).name, "action": "checkpoint and stop"}), flush=True)
         self.signalled = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signalled is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class TrainingBackend(abc.ABC):
@@ -177,6 +200,8 @@ class HuggingFaceBackend(TrainingBackend):
         self.sample_prompts: list[str] = []
         self.privacy_report: dict[str, float] = {}
         self._torn_down = False
+        # Progress bars write carriage returns, which read as one endless line in docker logs.
+        hf_logging.disable_progress_bar()
 
     # -- paths ---------------------------------------------------------------------
 
@@ -312,13 +337,20 @@ class HuggingFaceBackend(TrainingBackend):
             eval_strategy=IntervalStrategy.STEPS if eval_on else IntervalStrategy.NO,
             eval_steps=e.eval_steps,
             bf16=self._dtype() == torch.bfloat16,
-            gradient_checkpointing=False,  # enabled on the model in maybe_quantize
             optim="paged_adamw_32bit" if (self.device == "cuda" and self.job.model.quantization != "none") else "adamw_torch",
             dataloader_pin_memory=self.device == "cuda",
             dataloader_num_workers=0,
             use_cpu=self.device == "cpu",
             **FIXED_RUNTIME_TRAINING_ARGS,
         )
+        if self.job.privacy.dp_enabled:
+            # One Poisson batch is one optimizer step (the accountant's unit), so the
+            # logical batch is drawn whole; clipping is per sample, inside the DPOptimizer.
+            args.update(
+                per_device_train_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps,
+                gradient_accumulation_steps=1,
+                max_grad_norm=0.0,
+            )
         args.update(overrides)
         return TrainingArguments(**args)
 
@@ -359,32 +391,55 @@ class HuggingFaceBackend(TrainingBackend):
         self.prepare_training_data()
         self.prepare_params(**training_args)
         self.samples_before = self.generate_samples()
-        resume = get_last_checkpoint(str(self.checkpoint_dir)) if self.checkpoint_dir.exists() else None
-        if resume:
-            print(json.dumps({"event": "resume", "checkpoint": resume}), flush=True)
-        started = time.perf_counter()
-        try:
-            output = self.trainer.train(resume_from_checkpoint=resume)
-        except torch.OutOfMemoryError:
-            raise OutOfMemoryError(
-                "out of memory while training; lower per_device_train_batch_size or max_seq_length, "
-                "enable gradient_checkpointing, or use quantization=4bit"
-            ) from None
-        runtime = time.perf_counter() - started
-        if self.signal_cb and self.signal_cb.signalled is not None:
-            raise KeyboardInterrupt(f"stopped by {signal.Signals(self.signal_cb.signalled).name}; checkpoint saved")
+        output, runtime = self.fit(resume_from=self.last_checkpoint())
         self.results = self._metrics(output, runtime)
-        if self.eval_dataset is not None:
-            ev = self.trainer.evaluate()
-            self.results["eval_loss"] = float(ev["eval_loss"])
-            self.results["perplexity"] = float(math.exp(min(ev["eval_loss"], 50.0)))
-            if "eval_token_accuracy" in ev:
-                self.results["eval_token_accuracy"] = float(ev["eval_token_accuracy"])
+        self.results.update(self.evaluate())
         if self.job.privacy.dp_enabled:
             self.results.update(self.trainer.privacy_report())
         print(json.dumps({"event": "metrics", **self.results}), flush=True)
         self.save_model()
         return self.results
+
+    def last_checkpoint(self) -> str | None:
+        """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a
+        checkpoint cut short by a kill lacks it and is skipped rather than resumed from."""
+        if not self.checkpoint_dir.exists():
+            return None
+        complete = [p for p in self.checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+        partial = sorted(p.name for p in self.checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p not in complete)
+        if partial:
+            print(json.dumps({"event": "skip_incomplete_checkpoints", "checkpoints": partial}), flush=True)
+        if not complete:
+            return None
+        newest = str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1])))
+        print(json.dumps({"event": "resume", "checkpoint": newest}), flush=True)
+        return newest
+
+    def fit(self, resume_from: str | None = None):
+        """Run the Trainer loop; a SIGTERM inside it checkpoints, then surfaces as an interrupt."""
+        started = time.perf_counter()
+        try:
+            output = self.trainer.train(resume_from_checkpoint=resume_from)
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(
+                "out of memory while training; lower per_device_train_batch_size or max_seq_length, "
+                "enable gradient_checkpointing, or use quantization=4bit"
+            ) from None
+        finally:
+            self.signal_cb.restore()
+        if self.signal_cb.signalled is not None:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(self.signal_cb.signalled).name}; checkpoint saved")
+        return output, time.perf_counter() - started
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss and perplexity on eval_path (empty when the job has no eval set)."""
+        if self.eval_dataset is None:
+            return {}
+        ev = self.trainer.evaluate()
+        metrics = {"eval_loss": float(ev["eval_loss"]), "perplexity": float(math.exp(min(ev["eval_loss"], 50.0)))}
+        if "eval_token_accuracy" in ev:
+            metrics["eval_token_accuracy"] = float(ev["eval_token_accuracy"])
+        return metrics
 
     def generate_samples(self) -> list[str]:
         """Greedy completions of the sample prompts (left padding, so batches generate correctly)."""
@@ -392,20 +447,24 @@ class HuggingFaceBackend(TrainingBackend):
             return []
         model = self._unwrapped_model()
         tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
+        ids = data_mod.encode_prompts(self.job, self.sample_prompts, tok)
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            attention_mask[i, width - len(x):] = 1
         was_training = model.training
         model.eval()
         try:
-            enc = tok(self.sample_prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
                 out = model.generate(
-                    **enc, max_new_tokens=self.job.evaluation.sample_max_new_tokens, do_sample=False,
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                    max_new_tokens=self.job.evaluation.sample_max_new_tokens, do_sample=False,
                     pad_token_id=tok.pad_token_id, use_cache=True,
                 )
-            return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            return tok.batch_decode(out[:, width:], skip_special_tokens=True)
         finally:
-            tok.padding_side = side
             model.train(was_training)
 
     def save_model(self) -> Path:
@@ -453,6 +512,8 @@ class HuggingFaceBackend(TrainingBackend):
                 self.trainer.accelerator.free_memory()
             except Exception:  # best effort: teardown must not raise
                 pass
+        if self.signal_cb is not None:
+            self.signal_cb.restore()
         self.trainer = None
         self.model = None
         self.train_dataset = self.eval_dataset = None
@@ -499,22 +560,25 @@ class HuggingFaceBackend(TrainingBackend):
     def _metrics(self, output, runtime: float) -> dict[str, Any]:
         state = self.trainer.state
         tokens = int(state.num_input_tokens_seen)
+        session_tokens = tokens - self.log_cb.tokens_at_start
         losses = self.log_cb.losses
         if self.device == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {
+        metrics = {
             "train_loss": float(output.training_loss),
-            "first_train_loss": losses[0] if losses else float("nan"),
-            "final_train_loss": losses[-1] if losses else float("nan"),
+            # Cumulative over attempts; the rate is this attempt's tokens over its own runtime.
             "train_tokens": tokens,
-            "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+            "tokens_per_second": session_tokens / runtime if runtime > 0 else 0.0,
             "train_runtime_s": runtime,
             "peak_memory_mb": peak_mb,
             "global_step": int(state.global_step),
             "trainable_parameters": _trainable(self.model),
         }
+        if losses:  # a resumed run that was already finished logs no step
+            metrics.update(first_train_loss=losses[0], final_train_loss=losses[-1])
+        return metrics
 
     def _dataset_schema(self) -> dict[str, Any]:
         d = self.job.data
@@ -578,6 +642,8 @@ class HuggingFaceBackend(TrainingBackend):
             task="text-generation",
             signature=signature,
             pip_requirements=pip,
+            # Serve the completion, not the prompt echoed back in front of it.
+            model_config={"return_full_text": False},
             base_model_path=str(self.base_model_dir) if self.base_model_dir else None,
             metadata={"loraflow.base_model": self.job.model.base_model, "loraflow.spec_hash": self.job.spec_hash()},
         )
@@ -594,10 +660,3 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def check_data_ready(job: JobSpec, job_dir: Path) -> None:
-    """Fail fast (before loading a model) on a dataset path that does not exist."""
-    for p in (job.data.train_path, job.data.eval_path):
-        path = job.resolve(p, job_dir)
-        if path is not None and not path.exists():
-            raise DataError(f"dataset {path} does not exist; check train_path/eval_path in the job spec")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,15 +40,37 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _check_local_model(job: spec.JobSpec, job_dir: Path) -> None:
+    # A local base model without config.json fails here, before torch loads; hub ids are
+    # resolved (and reported) by the backend.
+    if job.is_local_model(job_dir):
+        path = job.resolve(job.model.base_model, job_dir)
+        if not (path / "config.json").exists():
+            raise errors.ModelNotFoundError(
+                f"base model {path} has no config.json; point base_model at a saved HF model directory "
+                "(mounted under /models in the container) or a hub id"
+            )
+
+
 def run_job(job_path: Path) -> int:
+    # docker stop sends SIGTERM: outside the training loop (which checkpoints first) it
+    # unwinds like Ctrl-C, so teardown runs and the exit code says "interrupted".
+    signal.signal(signal.SIGTERM, _interrupt)
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
     # Silence library progress bars: they write carriage returns, unreadable in docker logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from loraflow_trainer.backend import HuggingFaceBackend, check_data_ready
+    from loraflow_trainer.data import preflight
 
-    check_data_ready(job, job_dir)
+    preflight(job, job_dir)
+    _check_local_model(job, job_dir)
+    from loraflow_trainer.backend import HuggingFaceBackend
+
     backend = HuggingFaceBackend(job, job_dir)
     try:
         backend.train()
@@ -81,10 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        name = type(exc).__name__
-        if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-            return _fail(errors.OutOfMemoryError(f"out of memory ({str(exc).splitlines()[0][:160]}); lower the batch size or max_seq_length"), errors.EXIT_OUT_OF_MEMORY)
-        return _fail(RuntimeError(f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"), errors.EXIT_FAILURE)
+        failure = classify(exc)
+        return _fail(failure, failure.exit_code)
+
+
+def classify(exc: BaseException) -> errors.LoraflowTrainerError:
+    """The loraflow error an unexpected library exception stands for (OOM, or a plain failure)."""
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    # torch.OutOfMemoryError (CUDA) and allocator RuntimeErrors are matched by name and
+    # text, so this module never imports torch.
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in first_line.lower():
+        return errors.OutOfMemoryError(
+            f"out of memory ({first_line[:160]}); lower per_device_train_batch_size or max_seq_length, "
+            "or use quantization=4bit"
+        )
+    failure = errors.LoraflowTrainerError(f"{type(exc).__name__}: {first_line[:300]}")
+    return failure
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def read_table(path: Path):
         if path.suffix in {".jsonl", ".json"}:
             return pd.read_json(path, lines=True, dtype=False)
         if path.suffix == ".csv":
-            return pd.read_csv(path, keep_default_na=False)
+            return pd.read_csv(path, keep_default_na=False, dtype=str)
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
         raise DataError(f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix or regenerate the file") from None
     raise DataError(f"dataset {path} has unsupported extension {path.suffix!r}; use .parquet, .jsonl or .csv")
@@ -61,30 +61,48 @@ def _messages(value: Any, row: int, path: Path) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
-def load_examples(job: JobSpec, path: Path, tokenizer) -> list[dict[str, list[int]]]:
-    """Tokenize every row of ``path`` into ``{"input_ids", "labels"}``, truncated to max_seq_length."""
+def read_rows(job: JobSpec, path: Path) -> list:
+    """The dataset's rows in the job's format, checked without a tokenizer.
+
+    text -> list of str; prompt_completion -> list of (prompt, completion); chat -> list of
+    message lists. Raises DataError naming the file (and row) for anything unusable.
+    """
     df = read_table(path)
+    if len(df) == 0:
+        raise DataError(f"{path} has no rows; give the job a non-empty dataset")
     missing = [c for c in _columns(job) if c not in df.columns]
     if missing:
         raise DataError(
             f"{path} lacks column(s) {', '.join(missing)} for data_format={job.data.data_format}; "
             f"it has {', '.join(map(str, df.columns))}"
         )
-    if len(df) == 0:
-        raise DataError(f"{path} has no rows; give the job a non-empty dataset")
+    d = job.data
+    if d.data_format == "text":
+        return _strings(df, d.text_column, path)
+    if d.data_format == "prompt_completion":
+        return list(zip(_strings(df, d.prompt_column, path), _strings(df, d.completion_column, path), strict=True))
+    return [_messages(v, i, path) for i, v in enumerate(df[d.messages_column].tolist())]
+
+
+def preflight(job: JobSpec, job_dir: Path) -> None:
+    """Check train/eval data before any model loads: a bad file fails in seconds, not after a model download."""
+    for p in (job.data.train_path, job.data.eval_path):
+        path = job.resolve(p, job_dir)
+        if path is not None:
+            read_rows(job, path)
+
+
+def load_examples(job: JobSpec, path: Path, tokenizer) -> list[dict[str, list[int]]]:
+    """Tokenize every row of ``path`` into ``{"input_ids", "labels"}``, truncated to max_seq_length."""
+    rows = read_rows(job, path)
     fmt = job.data.data_format
     if fmt == "text":
-        examples = _tokenize_text(df[job.data.text_column].astype(str).tolist(), tokenizer)
+        examples = _tokenize_text(rows, tokenizer)
     elif fmt == "prompt_completion":
-        examples = _tokenize_prompt_completion(
-            df[job.data.prompt_column].astype(str).tolist(),
-            df[job.data.completion_column].astype(str).tolist(),
-            tokenizer,
-            job.completion_only,
-        )
+        prompts, completions = zip(*rows, strict=True)
+        examples = _tokenize_prompt_completion(list(prompts), list(completions), tokenizer, job.completion_only)
     else:
-        convs = [_messages(v, i, path) for i, v in enumerate(df[job.data.messages_column].tolist())]
-        examples = [_tokenize_chat(c, tokenizer, job.completion_only) for c in convs]
+        examples = [_tokenize_chat(c, tokenizer, job.completion_only) for c in rows]
     limit = job.training.max_seq_length
     out = []
     for ex in examples:
@@ -94,6 +112,18 @@ def load_examples(job: JobSpec, path: Path, tokenizer) -> list[dict[str, list[in
     if not out:
         raise DataError(f"{path}: no example has a trainable token within max_seq_length={limit}; raise max_seq_length")
     return out
+
+
+def _strings(df, column: str, path: Path) -> list[str]:
+    """The column as strings; a null or non-text cell is an error (str(None) would train on "None")."""
+    values = df[column].tolist()
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(
+                f"{path} row {i}: column {column!r} holds {type(v).__name__} {v!r}, not text; "
+                "fill or drop the row (the pipeline's check data step reports all such rows)"
+            )
+    return values
 
 
 def _tokenize_text(texts: list[str], tokenizer) -> list[dict[str, list[int]]]:
@@ -169,6 +199,18 @@ def prompts_for_samples(job: JobSpec, path: Path, tokenizer, n: int) -> list[str
         return out
     # Plain text: continue the first few words.
     return [" ".join(str(t).split()[:4]) for t in df[job.data.text_column].tolist()]
+
+
+def encode_prompts(job: JobSpec, prompts: list[str], tokenizer) -> list[list[int]]:
+    """Token ids of sample prompts, starting the way training examples start.
+
+    Chat prompts are rendered by the template, which writes its own BOS; plain prompts
+    get the BOS that ``_tokenize_*`` prepends.
+    """
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if job.data.data_format == "chat" or tokenizer.bos_token_id is None:
+        return [list(x) for x in ids]
+    return [[tokenizer.bos_token_id, *x] for x in ids]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 from opacus.accountants import RDPAccountant
@@ -35,17 +36,21 @@ from loraflow_trainer.data import IGNORE_INDEX
 from loraflow_trainer.errors import JobSpecError, LoraflowTrainerError
 from loraflow_trainer.spec import PrivacySpec
 
+ACCOUNTANT_FILE = "dp_accountant.json"
+
 
 class OpacusDPTrainer(Trainer):
     def __init__(self, *args, privacy: PrivacySpec, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False):
             raise JobSpecError("privacy.dp_enabled cannot be combined with gradient_checkpointing; turn one off")
+        if self.args.gradient_accumulation_steps != 1 or self.args.max_grad_norm > 0:
+            # The backend folds accumulation into the batch and turns batch-level clipping
+            # off; anything else would step the accountant on a different unit than Opacus.
+            raise ValueError("OpacusDPTrainer needs gradient_accumulation_steps=1 and max_grad_norm=0")
         n = len(self.train_dataset)
-        # One Poisson batch per optimizer step: the logical batch is batch x accumulation.
-        self.logical_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        self.args.gradient_accumulation_steps = 1
-        self.args.max_grad_norm = 0.0  # clipping is per sample, in the DPOptimizer
+        # One Poisson batch per optimizer step, of expected size logical_batch.
+        self.logical_batch = self.args.per_device_train_batch_size
         self.sample_rate = min(1.0, self.logical_batch / n)
         self.delta = privacy.dp_delta or 1.0 / (n**1.1)
         self.max_grad_norm = privacy.dp_max_grad_norm
@@ -84,6 +89,24 @@ class OpacusDPTrainer(Trainer):
             self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         return self.optimizer
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        # The privacy spent so far is part of the training state: a resumed run that
+        # forgot it would report a smaller epsilon than the data actually paid.
+        (Path(output_dir) / ACCOUNTANT_FILE).write_text(json.dumps({"history": self.accountant.history}))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        saved = Path(checkpoint) / ACCOUNTANT_FILE
+        if not saved.exists():
+            raise LoraflowTrainerError(
+                f"checkpoint {checkpoint} has no {ACCOUNTANT_FILE}, so the privacy already spent is unknown; "
+                "delete the checkpoints directory to train from scratch"
+            )
+        self.accountant.history = [tuple(h) for h in json.loads(saved.read_text())["history"]]
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The Trainer clears grads with model.zero_grad(), which leaves Opacus' per-sample
         # grads (and its processed flags) behind; one Poisson batch is one step, so clear here.
@@ -115,6 +138,10 @@ class OpacusDPTrainer(Trainer):
             )
         steps = self.state.global_step
         epsilon = self.accountant.get_epsilon(delta=self.delta) if steps else 0.0
+        if epsilon > self.target_epsilon * 1.001:
+            # Happens when a resumed run trains longer than the noise was calibrated for.
+            print(json.dumps({"event": "warning", "message": f"achieved epsilon {epsilon:.3f} exceeds "
+                              f"dp_target_epsilon {self.target_epsilon}: the steps ran past the calibrated plan"}), flush=True)
         return {
             "epsilon": float(epsilon), "delta": float(self.delta), "dp_noise_multiplier": float(self.noise_multiplier),
             "dp_sample_rate": float(self.sample_rate), "dp_steps": int(steps), "dp_changed_lora_tensors": changed,

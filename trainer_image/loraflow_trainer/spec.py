@@ -136,6 +136,11 @@ class JobSpec(BaseModel):
             raise ValueError("training.packing cannot be combined with privacy.dp_enabled: DP-SGD needs one example per row")
         if self.privacy.dp_enabled and self.model.quantization != "none":
             raise ValueError("privacy.dp_enabled needs model.quantization='none': Opacus cannot compute per-sample grads through k-bit layers")
+        if self.privacy.dp_enabled and self.training.gradient_checkpointing:
+            raise ValueError(
+                "privacy.dp_enabled cannot be combined with training.gradient_checkpointing: checkpointed layers "
+                "give Opacus no per-sample gradients; turn gradient_checkpointing off"
+            )
         return self
 
     @property

@@ -68,8 +68,11 @@ def build_tiny_model(
     seed: int = 0,
 ) -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no carriage-return bars in logs
 
     out_dir = Path(out_dir)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -83,6 +86,12 @@ def build_tiny_model(
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         ),
+    )
+    # Like Llama's tokenizer, plain encoding prepends <s>, so a prompt sent to the served
+    # model starts the way training examples do.
+    bos_id = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
