@@ -1,38 +1,321 @@
-"""Read side of the MLflow registry: find, describe and pull loraflow model versions.
+"""Read side of the MLflow registry: find, describe, pull and promote loraflow model versions.
 
-Writes (runs, versions, aliases) live in ``registry``; this module only reads, except
-``promote``, which moves an alias on a person's say-so and records why.
+Writes made by the pipeline (runs, versions, automatic alias moves) live in ``registry``;
+this module reads, except ``promote``, which moves an alias on a person's say-so and
+records why. Every function takes the tracking URI and returns plain dicts, so the CLI,
+the Airflow UI page and the tests share one view of a version.
+
+Aliases are read from ``get_registered_model(name).aliases``: the SQL store returns none
+from ``search_model_versions``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from loraflow import registry
-from loraflow.errors import RegistryError
+from loraflow.errors import LoraflowError, RegistryError, RegistryUnavailable
+
+LINEAGE_TAGS = {
+    "dag_id": registry.DAG_ID,
+    "run_id": registry.RUN_ID,
+    "run_key": registry.RUN_KEY,
+    "data_fingerprint": registry.FINGERPRINT,
+    "base_model": registry.BASE_MODEL,
+    "spec_hash": registry.SPEC_HASH,
+    "image": registry.IMAGE,
+    "image_digest": registry.IMAGE_DIGEST,
+    "runtime": registry.RUNTIME,
+    "gate_metric": registry.GATE_METRIC,
+}
+PROMOTED_BY = "loraflow.promoted_by"
+PROMOTED_AT = "loraflow.promoted_at"
+PROMOTED_ALIAS = "loraflow.promoted_alias"
+# What `pull` copies from the version's MLflow run (artifact path -> optional?).
+PULL_ARTIFACTS = {"model": False, "data/dataset_schema.json": True, "metrics.json": False,
+                  "metadata.json": False, "samples.jsonl": True, "data/data_report.json": True}
+_REF = re.compile(r"^(?P<name>.+?)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
 
 
-def describe_version(mc, name: str, version: str, uri: str) -> dict[str, Any]:
-    mv = mc.get_model_version(name, version)
-    run = mc.get_run(mv.run_id) if mv.run_id else None
+class NotFound(RegistryError):
+    """The name, alias or version asked for is not in the registry."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A model reference as people write it: ``name@alias``, ``name/version`` or ``name`` (newest)."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        m = _REF.match(text.strip())
+        if not m or not m["name"]:
+            raise LoraflowError(f"{text!r} is not a model reference; write NAME@ALIAS (e.g. my-model@champion) or NAME/VERSION (e.g. my-model/3)")
+        return cls(m["name"], m["alias"], m["version"])
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else "")
+
+
+def cli_http_defaults() -> None:
+    """A person at a terminal wants a quick "server down", not minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def ui_url(uri: str) -> str:
+    """The MLflow UI as a browser reaches it (differs from the tracking URI inside docker-compose)."""
+    return os.environ.get("LORAFLOW_MLFLOW_UI_URL", uri).rstrip("/")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_url(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@contextlib.contextmanager
+def talking_to(uri: str) -> Iterator[None]:
+    """``registry.reachable`` with a message for people: the CLI and the page do not retry."""
+    try:
+        with registry.reachable(uri):
+            yield
+    except RegistryUnavailable:
+        raise RegistryUnavailable(f"cannot reach the MLflow tracking server at {uri}; start it or set MLFLOW_TRACKING_URI to the right server") from None
+
+
+def _all_pages(search, **kwargs) -> list:
+    """Every result of an MLflow search call, following its page tokens."""
+    out, token = [], None
+    while True:
+        page = search(page_token=token, **kwargs)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _missing(exc: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def _registered(mc, uri: str, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mc.get_registered_model(name)
+    except MlflowException as exc:
+        if _missing(exc):
+            raise NotFound(f"no registered model named {name!r} in {uri}; `loraflow models list` shows the names") from None
+        raise
+
+
+def _describe(mc, uri: str, mv, aliases_of: dict[str, list[str]]) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    run = None
+    if mv.run_id:
+        with contextlib.suppress(MlflowException):  # a version whose run was deleted still lists
+            run = mc.get_run(mv.run_id)
+    tags = dict(mv.tags or {})
     return {
-        "name": name,
-        "version": mv.version,
-        "aliases": sorted(mv.aliases),
-        "tags": dict(mv.tags or {}),
-        "metrics": dict(run.data.metrics) if run else {},
-        "run_id": mv.run_id,
-        "run_url": f"{uri}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}" if run else None,
+        "name": mv.name,
+        "version": str(mv.version),
+        "aliases": sorted(aliases_of.get(str(mv.version), [])),
+        "status": str(mv.status),
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds") if mv.creation_timestamp else None,
+        "lineage": {key: tags.get(tag, "") for key, tag in LINEAGE_TAGS.items()},
+        "promotion_reason": tags.get(registry.PROMOTION_REASON),
+        "metrics": dict(sorted(run.data.metrics.items())) if run else {},
+        "mlflow_run_id": mv.run_id,
+        "experiment_id": run.info.experiment_id if run else None,
+        "run_url": run_url(uri, run.info.experiment_id, mv.run_id) if run else None,
         "source": mv.source,
+        "tags": tags,
     }
+
+
+def _aliases_by_version(rm) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for alias, version in (rm.aliases or {}).items():
+        out.setdefault(str(version), []).append(alias)
+    return out
+
+
+def list_models(uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Registered models (all, or ``name``) with every version, newest first."""
+    mc = registry.client(uri)
+    with talking_to(uri):
+        models = [_registered(mc, uri, name)] if name else sorted(_all_pages(mc.search_registered_models), key=lambda m: m.name)
+        out = []
+        for rm in models:
+            aliases = _aliases_by_version(rm)
+            versions = sorted(_versions(mc, rm.name), key=lambda v: -int(v.version))
+            out.append({
+                "name": rm.name,
+                "description": rm.description or "",
+                "aliases": dict(sorted((rm.aliases or {}).items())),
+                "versions": [_describe(mc, uri, mv, aliases) for mv in versions],
+            })
+        return out
+
+
+def show(uri: str, ref: Ref | str) -> dict[str, Any]:
+    """One version, by alias, number, or (bare name) the newest."""
+    from mlflow.exceptions import MlflowException
+
+    ref = Ref.parse(ref) if isinstance(ref, str) else ref
+    mc = registry.client(uri)
+    with talking_to(uri):
+        rm = _registered(mc, uri, ref.name)
+        aliases = _aliases_by_version(rm)
+        if ref.alias:
+            if ref.alias not in (rm.aliases or {}):
+                have = ", ".join(sorted(rm.aliases or {})) or "none"
+                raise NotFound(f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {have}); use one of those or NAME/VERSION")
+            mv = mc.get_model_version(ref.name, str(rm.aliases[ref.alias]))
+        elif ref.version:
+            try:
+                mv = mc.get_model_version(ref.name, ref.version)
+            except MlflowException as exc:
+                if not _missing(exc):
+                    raise
+                have = ", ".join(v.version for v in _versions(mc, ref.name)) or "none"
+                raise NotFound(f"model {ref.name!r} has no version {ref.version} (versions: {have}); `loraflow models list --name {ref.name}` shows them") from None
+        else:
+            found = _versions(mc, ref.name)
+            if not found:
+                raise NotFound(f"model {ref.name!r} has no versions yet; run the loraflow_finetune DAG to register one")
+            mv = found[-1]
+        return _describe(mc, uri, mv, aliases)
+
+
+def _versions(mc, name: str):
+    return sorted(_all_pages(mc.search_model_versions, filter_string=f"name = '{_quote(name)}'"), key=lambda v: int(v.version))
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
 
 
 def describe_latest(name: str, tracking_uri: str) -> dict[str, Any]:
     """The newest version of ``name`` with its aliases, metrics and lineage."""
-    mc = registry.client(tracking_uri)
-    with registry.reachable(tracking_uri):
-        versions = mc.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise RegistryError(f"registered model {name!r} has no versions in {tracking_uri}; run the loraflow_finetune DAG first")
-        latest = max(versions, key=lambda v: int(v.version))
-        return describe_version(mc, name, latest.version, tracking_uri)
+    return show(tracking_uri, Ref(name))
+
+
+def versions_by_run_key(uri: str) -> dict[str, list[dict[str, Any]]]:
+    """Every loraflow-registered version, grouped by the DAG run that produced it."""
+    mc = registry.client(uri)
+    out: dict[str, list[dict[str, Any]]] = {}
+    with talking_to(uri):
+        for rm in _all_pages(mc.search_registered_models):
+            aliases = _aliases_by_version(rm)
+            for mv in _versions(mc, rm.name):
+                key = (mv.tags or {}).get(registry.RUN_KEY)
+                if key:
+                    out.setdefault(key, []).append(_describe(mc, uri, mv, aliases))
+    return out
+
+
+def mlflow_run_for(uri: str, run_key: str) -> dict[str, str] | None:
+    """The MLflow run a DAG run logged to (found by its run-key tag), or None."""
+    mc = registry.client(uri)
+    with talking_to(uri):
+        exps = [e.experiment_id for e in mc.search_experiments(filter_string="name LIKE 'loraflow/%'")]
+        if not exps:
+            return None
+        runs = mc.search_runs(exps, filter_string=f"tags.`{registry.RUN_KEY}` = '{_quote(run_key)}'", max_results=1)
+        if not runs:
+            return None
+        run = runs[0]
+        return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                "url": run_url(uri, run.info.experiment_id, run.info.run_id)}
+
+
+# -- pulling -----------------------------------------------------------------------------
+
+
+def pull(uri: str, ref: Ref | str, dest: Path) -> dict[str, Any]:
+    """Copy a version's model (adapter + base reference), schema, metrics and metadata to ``dest``."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    info = show(uri, ref)
+    if not info["mlflow_run_id"]:
+        raise RegistryError(f"{info['name']}/{info['version']} has no MLflow run to pull artifacts from; it was not registered by loraflow")
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise LoraflowError(f"{dest} is not empty; pass an empty or new --dest directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    pulled = []
+    with talking_to(uri):
+        for path, optional in PULL_ARTIFACTS.items():
+            try:
+                download_artifacts(run_id=info["mlflow_run_id"], artifact_path=path, dst_path=str(dest), tracking_uri=uri)
+            except (MlflowException, OSError) as exc:
+                if optional:
+                    continue
+                shutil.rmtree(dest, ignore_errors=True)
+                raise RegistryError(f"artifact {path!r} of MLflow run {info['mlflow_run_id']} could not be downloaded ({str(exc).splitlines()[0][:200]}); check the server's artifact store") from None
+            pulled.append(path)
+    adapter = dest / "model" / "peft"
+    info = {**info, "pulled": pulled, "dest": str(dest.resolve()),
+            "adapter_dir": str(adapter.resolve()) if adapter.is_dir() else None,
+            "base_model_path": base_model_path(dest / "model")}
+    (dest / "version.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def base_model_path(model_dir: Path) -> str | None:
+    """The local base model an MLflow PEFT model was saved against (from its MLmodel file)."""
+    import yaml
+
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.exists():
+        return None
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("transformers", {})
+    return flavor.get("local_base_model_path")
+
+
+# -- promoting ---------------------------------------------------------------------------
+
+
+def promote(uri: str, name: str, version: str, alias: str, reason: str) -> dict[str, Any]:
+    """Point ``alias`` at ``name`` version ``version`` and record who did it and why."""
+    if not reason or not reason.strip():
+        raise LoraflowError("a promotion needs a reason; pass --reason \"why this version\"")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", alias) or alias.lower() == "latest":
+        raise LoraflowError(f"{alias!r} is not a valid alias; use letters, digits, '-' or '_' (e.g. champion), not 'latest'")
+    before = show(uri, Ref(name, version=str(version)))  # raises NotFound with the versions there are
+    mc = registry.client(uri)
+    with talking_to(uri):
+        previous = (mc.get_registered_model(name).aliases or {}).get(alias)
+        mc.set_registered_model_alias(name, alias, str(version))
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for key, value in ((registry.PROMOTION_REASON, reason.strip()), (PROMOTED_ALIAS, alias),
+                           (PROMOTED_BY, _who()), (PROMOTED_AT, now)):
+            mc.set_model_version_tag(name, str(version), key, value)
+    after = show(uri, Ref(name, version=str(version)))
+    return {**after, "alias": alias, "previous_version": str(previous) if previous is not None else None,
+            "was_aliases": before["aliases"]}
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        return "unknown"

@@ -1,0 +1,199 @@
+"""The ``loraflow`` command: look up, pull, try out and promote the models the pipeline registered.
+
+    loraflow models list [--name NAME]
+    loraflow models show NAME@ALIAS | NAME/VERSION | NAME
+    loraflow models pull REF --dest DIR
+    loraflow models generate REF --prompt TEXT [--base-model-path DIR] [--max-new-tokens N]
+    loraflow models promote NAME VERSION --alias champion --reason "why"
+
+Tables for people, ``--json`` for scripts. Exit status: 0 ok, 1 a loraflow error (cause and
+fix on stderr), 2 bad usage, 3 the MLflow server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from loraflow import config
+from loraflow.errors import LoraflowError, RegistryUnavailable
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+SHOWN_METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from loraflow import lookup
+
+    lookup.cli_http_defaults()
+    try:
+        result = args.run(args)
+    except RegistryUnavailable as exc:
+        print(f"loraflow: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except LoraflowError as exc:
+        print(f"loraflow: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(args.render(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraflow", description="Use the models loraflow registered in MLflow.")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
+    groups = p.add_subparsers(dest="group", required=True)
+    models = groups.add_parser("models", help="registered models and versions").add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, help: str, run, render):
+        sub = models.add_parser(name, help=help, description=help)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sub.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(run=run, render=render)
+        return sub
+
+    s = cmd("list", "registered models and their versions, with aliases, metrics and lineage", _list, _render_list)
+    s.add_argument("--name", help="only this registered model")
+    s = cmd("show", "one version: NAME@ALIAS, NAME/VERSION, or NAME for the newest", _show, _render_show)
+    s.add_argument("ref")
+    s = cmd("pull", "download a version's model (adapter + base reference), schema, metrics and metadata", _pull, _render_pull)
+    s.add_argument("ref")
+    s.add_argument("--dest", required=True, help="an empty or new directory")
+    s = cmd("generate", "load base model + adapter and complete a prompt (GPU if present)", _generate, _render_generate)
+    s.add_argument("ref")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--base-model-path", help="the base model on this machine, if not where it was trained")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the tokenizer's chat template")
+    s = cmd("promote", "point an alias (e.g. champion) at a version and record why", _promote, _render_promote)
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("--alias", default="champion")
+    s.add_argument("--reason", required=True, help="why this version; stored as the version tag loraflow.promotion_reason")
+    return p
+
+
+def _uri(args) -> str:
+    return args.tracking_uri or config.tracking_uri()
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _list(args) -> Any:
+    from loraflow import lookup
+
+    return lookup.list_models(_uri(args), args.name)
+
+
+def _show(args) -> Any:
+    from loraflow import lookup
+
+    return lookup.show(_uri(args), args.ref)
+
+
+def _pull(args) -> Any:
+    from pathlib import Path
+
+    from loraflow import lookup
+
+    return lookup.pull(_uri(args), args.ref, Path(args.dest))
+
+
+def _generate(args) -> Any:
+    from loraflow import generation
+
+    if args.max_new_tokens < 1:
+        raise LoraflowError("--max-new-tokens must be at least 1")
+    return generation.generate(_uri(args), args.ref, args.prompt, base_model_path=args.base_model_path,
+                               max_new_tokens=args.max_new_tokens, raw=args.raw)
+
+
+def _promote(args) -> Any:
+    from loraflow import lookup
+
+    return lookup.promote(_uri(args), args.name, args.version, args.alias, args.reason)
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metrics_cell(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_METRICS if k in metrics) or "-"
+
+
+def _render_list(models: list[dict]) -> str:
+    if not models:
+        return "no registered models yet; run the loraflow_finetune DAG to register one"
+    rows = []
+    for m in models:
+        for v in m["versions"]:
+            lin = v["lineage"]
+            rows.append([m["name"], v["version"], ",".join(v["aliases"]) or "-", _metrics_cell(v["metrics"]),
+                         f"{lin['dag_id']}/{lin['run_id']}" if lin["dag_id"] else "-",
+                         lin["data_fingerprint"][:12] or "-", _short_path(lin["base_model"]), v["created"] or "-"])
+        if not m["versions"]:
+            rows.append([m["name"], "-", "-", "-", "-", "-", "-", "-"])
+    return table(rows, ["MODEL", "VERSION", "ALIASES", "METRICS", "DAG RUN", "FINGERPRINT", "BASE MODEL", "CREATED"])
+
+
+def _short_path(path: str) -> str:
+    return (path if len(path) <= 40 else "…" + path[-39:]) or "-"
+
+
+def _render_show(v: dict) -> str:
+    lin = v["lineage"]
+    lines = [
+        f"{v['name']} version {v['version']}" + (f"  ({', '.join(v['aliases'])})" if v["aliases"] else ""),
+        f"  created:          {v['created']}",
+        f"  dag run:          {lin['dag_id']}/{lin['run_id']}" if lin["dag_id"] else "  dag run:          -",
+        f"  data fingerprint: {lin['data_fingerprint'] or '-'}",
+        f"  base model:       {lin['base_model'] or '-'}",
+        f"  spec hash:        {lin['spec_hash'] or '-'}",
+        f"  runtime / image:  {lin['runtime'] or '-'} {lin['image'] or ''} {lin['image_digest'] or ''}".rstrip(),
+        f"  promotion reason: {v['promotion_reason'] or '-'}",
+        f"  mlflow run:       {v['run_url'] or '-'}",
+        f"  source:           {v['source']}",
+    ]
+    if v["metrics"]:
+        lines.append("  metrics:")
+        lines += [f"    {k:<28} {_fmt(val)}" for k, val in v["metrics"].items()]
+    return "\n".join(lines)
+
+
+def _render_pull(v: dict) -> str:
+    return "\n".join([f"pulled {v['name']} version {v['version']} to {v['dest']}",
+                      *(f"  {p}" for p in v["pulled"]),
+                      f"  adapter:    {v['adapter_dir'] or '-'}",
+                      f"  base model: {v['base_model_path'] or '-'} (override with --base-model-path when loading elsewhere)"])
+
+
+def _render_generate(r: dict) -> str:
+    return f"{r['name']}/{r['version']} on {r['device']}:\n{r['completion']}"
+
+
+def _render_promote(v: dict) -> str:
+    moved = f" (was version {v['previous_version']})" if v["previous_version"] else ""
+    return f"{v['alias']} -> {v['name']} version {v['version']}{moved}; reason recorded: {v['promotion_reason']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

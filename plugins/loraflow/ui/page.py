@@ -1,0 +1,66 @@
+"""HTML for the loraflow page: one table, server-rendered, no scripts to load.
+
+It is shown inside the Airflow UI's iframe, so links to Airflow pages target the top
+window and links to MLflow open a new tab.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from urllib.parse import quote
+
+from loraflow.ui.data import Overview, RunRow
+
+METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px;color:#1a202c;background:#fff}
+h1{font-size:20px;margin:0 0 4px} p.sub{color:#4a5568;margin:0 0 12px;font-size:13px}
+table{border-collapse:collapse;width:100%;font-size:13px} th,td{border-bottom:1px solid #e2e8f0;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#f7fafc;font-weight:600} td.nowrap{white-space:nowrap} code{font-size:12px}
+.badge{display:inline-block;border-radius:9px;padding:0 7px;margin-right:3px;font-size:11px;background:#e2e8f0}
+.champion{background:#c6f6d5;color:#22543d}.challenger{background:#feebc8;color:#7b341e}
+.success{color:#2f855a}.failed{color:#c53030}.running,.queued{color:#2b6cb0}
+.warn{background:#fff5f5;border:1px solid #feb2b2;padding:8px;margin-bottom:12px;border-radius:4px}
+a{color:#2b6cb0;text-decoration:none} a:hover{text-decoration:underline} .muted{color:#718096}
+"""
+
+
+def render(ov: Overview, airflow_root: str = "") -> str:
+    body = ["<h1>loraflow runs and model versions</h1>",
+            f'<p class="sub">MLflow: <a href="{escape(ov.mlflow_ui)}" target="_blank" rel="noopener">{escape(ov.mlflow_ui)}</a>'
+            f" &middot; {len(ov.rows)} run{'' if len(ov.rows) == 1 else 's'}</p>"]
+    if ov.mlflow_error:
+        body.append(f'<div class="warn">Model versions are not shown: {escape(ov.mlflow_error)}</div>')
+    if not ov.rows:
+        body.append('<p class="muted">No loraflow runs yet: trigger the <code>loraflow_finetune</code> DAG.</p>')
+    else:
+        body.append("<table><thead><tr><th>DAG run</th><th>State</th><th>Started</th><th>Model</th><th>Version</th>"
+                    "<th>Aliases</th><th>Metrics</th><th>Lineage</th><th>MLflow</th></tr></thead><tbody>")
+        body += [_row(r, airflow_root) for r in ov.rows]
+        body.append("</tbody></table>")
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>loraflow</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _row(r: RunRow, airflow_root: str) -> str:
+    run_link = f"{airflow_root}/dags/{quote(r.dag_id, safe='')}/runs/{quote(r.run_id, safe='')}"
+    run_cell = (f'<a href="{escape(run_link)}" target="_top">{escape(r.run_id)}</a><br><span class="muted">{escape(r.dag_id)}'
+                f"{' &middot; ' + escape(r.run_type) if r.run_type else ''}</span>")
+    state = f'<span class="{escape(r.state or "")}">{escape(r.state or "not in Airflow DB")}</span>'
+    lead = [run_cell, state, f'<span style="white-space:nowrap">{escape(r.started or "-")}</span>']
+    if not r.versions:
+        return "<tr>" + "".join(f"<td>{c}</td>" for c in lead) + \
+            f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="5">no version registered</td></tr>'
+    out = []
+    for i, v in enumerate(r.versions):
+        cells = lead if i == 0 else ["", "", ""]
+        aliases = "".join(f'<span class="badge {escape(a)}">{escape(a)}</span>' for a in v["aliases"]) or '<span class="muted">-</span>'
+        metrics = "<br>".join(f"{escape(k)} {v['metrics'][k]:.4g}" for k in METRICS if k in v["metrics"]) or "-"
+        lin = v["lineage"]
+        lineage = (f"data <code>{escape(lin['data_fingerprint'][:12] or '-')}</code><br>"
+                   f"base <code>{escape(lin['base_model'].rsplit('/', 1)[-1] or '-')}</code>")
+        mlflow = (f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-")
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
+                   f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
+                   f"<td>{metrics}</td><td>{lineage}</td><td>{mlflow}</td></tr>")
+    return "".join(out)
