@@ -18,7 +18,7 @@ GPU_POOL = os.environ.get("LORAFLOW_GPU_POOL", "default_pool")
 with DAG(
     dag_id="loraflow_finetune",
     description="Fine-tune a HuggingFace causal LM with LoRA/QLoRA and register it in MLflow",
-    params=params.build_params(),
+    params=params.build_params(schedule.param_defaults()),
     schedule=schedule.from_env(),
     catchup=False,
     max_active_runs=int(os.environ.get("LORAFLOW_MAX_ACTIVE_RUNS", "4")),

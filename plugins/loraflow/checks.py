@@ -196,17 +196,28 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
         report["token_lengths"] = None
         report["notes"] = ["token length not checked: no local tokenizer.json for the base model (the trainer truncates)"]
     if eval_path is not None:
-        results.append(_leakage_rule(keys, eval_path, data_format))
+        results.extend(_eval_rules(dataset.normalised_keys(usable, data_format), eval_path, data_format))
     return results
 
 
-def _leakage_rule(train_keys: pd.Series, eval_path: Path, data_format: str) -> RuleResult:
+def _eval_rules(train_norm: pd.Series, eval_path: Path, data_format: str) -> list[RuleResult]:
+    """The separate eval file: the same schema rules (named eval_*), then leakage from train."""
     ev = dataset.read(eval_path)
-    missing = [c for c in dataset.FORMAT_COLUMNS[data_format] if c not in ev.columns]
-    if missing:
-        return RuleResult("train_eval_leakage", False, len(ev), [], f"the eval file lacks column(s) {', '.join(missing)}")
-    train_norm = set(dataset.normalise(train_keys))
-    leaked = dataset.normalise(dataset.keys(ev, data_format)).isin(train_norm)
+    schema_rules = _pandera_rules(ev, data_format)
+    for r in schema_rules:
+        r.rule, r.detail = f"eval_{r.rule}", f"in {eval_path.name}: {r.detail}"
+    if schema_rules:
+        return schema_rules
+    if data_format == "chat":
+        bad, _ = _messages_rule(ev)
+        if not bad.passed:
+            bad.rule, bad.detail = "eval_malformed_messages", f"in {eval_path.name}: {bad.detail}"
+            return [bad]
+    return [_leakage_rule(train_norm, ev, eval_path, data_format)]
+
+
+def _leakage_rule(train_norm: pd.Series, ev: pd.DataFrame, eval_path: Path, data_format: str) -> RuleResult:
+    leaked = dataset.normalised_keys(ev, data_format).isin(set(train_norm))
     rows = ev.index[leaked.to_numpy()].tolist()
     return RuleResult("train_eval_leakage", not rows, len(rows), rows[:MAX_EXAMPLES],
                       f"these rows of {eval_path.name} also appear (ignoring case/spacing) in the training data; remove them from one side")

@@ -98,9 +98,22 @@ def keys(df: pd.DataFrame, data_format: str) -> pd.Series:
     return df["messages"].map(lambda v: json.dumps(canonical_messages(v), ensure_ascii=False, sort_keys=True))
 
 
-def normalise(key: pd.Series) -> pd.Series:
-    """Case- and whitespace-insensitive content: near-duplicates share it (leakage checks, split)."""
-    return key.str.lower().str.replace(_SPACE, " ", regex=True).str.strip()
+def _fold(text: str) -> str:
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+def normalised_keys(df: pd.DataFrame, data_format: str) -> pd.Series:
+    """Case- and whitespace-insensitive content per row: near-duplicates share it (leakage, split).
+
+    Each text field is folded on its own, so padding inside a chat message or around a
+    prompt does not hide a repeat.
+    """
+    if data_format == "text":
+        return df["text"].astype(str).map(_fold)
+    if data_format == "prompt_completion":
+        return df["prompt"].astype(str).map(_fold) + "\x1f" + df["completion"].astype(str).map(_fold)
+    return df["messages"].map(
+        lambda v: json.dumps([[m["role"], _fold(m["content"])] for m in (canonical_messages(v) or [])], ensure_ascii=False))
 
 
 def split_bucket(norm_keys: pd.Series) -> pd.Series:

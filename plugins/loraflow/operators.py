@@ -71,6 +71,9 @@ class LoraflowTrainOperator(DockerOperator):
         super().__init__(**kwargs)
         self.workspace = workspace
         self._proc: subprocess.Popen | None = None
+        # What the DAG author set, kept apart from the per-run values execute() assigns:
+        # the same operator object runs several DAG runs under dag.test().
+        self._configured = {k: getattr(self, k) for k in ("mem_limit", "network_mode", "environment", "container_name", "user")}
 
     def execute(self, context) -> dict[str, Any]:
         pipeline = Pipeline.load(self.workspace)
@@ -102,23 +105,12 @@ class LoraflowTrainOperator(DockerOperator):
     def _execute_docker(self, pipeline: Pipeline, context) -> dict[str, Any]:
         from docker.errors import APIError, ImageNotFound
 
-        ws = Path(pipeline.workspace)
-        local_model = Path(pipeline.base_model_host).is_absolute()
-        self.mounts = [
-            Mount(target=config.CONTAINER_WORKSPACE, source=config.host_path(ws), type="bind", read_only=False),
-            Mount(target=config.CONTAINER_MODELS, source=_host_models(), type="bind", read_only=True),
-        ]
-        self.device_requests = device_requests(pipeline.gpus)
-        self.mem_limit = pipeline.memory_limit or self.mem_limit
-        self.labels = {"loraflow.dag_id": pipeline.dag_id, "loraflow.run_id": pipeline.run_id}
-        self.network_mode = "none" if local_model else self.network_mode
-        self.environment = {**(self.environment or {}), "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                            "HF_HOME": f"{config.CONTAINER_WORKSPACE}/.hf", **({"HF_HUB_OFFLINE": "1"} if local_model else {})}
-        self.container_name = self.container_name or f"loraflow-{ws.parent.name}-{ws.name}"[:120]
+        self.configure_container(pipeline)
         try:
             digest = self.cli.inspect_image(self.image)["Id"]
         except ImageNotFound:
             raise TrainingError(f"trainer image {self.image} is not on the Docker host; build it with scripts/build-trainer-image.sh or set LORAFLOW_IMAGE") from None
+        self._remove_stale_containers(pipeline.run_id)
         try:
             super().execute(context)
         except APIError as exc:
@@ -135,6 +127,31 @@ class LoraflowTrainOperator(DockerOperator):
         finally:
             self._remove_container()
         return {"runtime": "docker", "image": self.image, "image_digest": digest, "exit_code": 0}
+
+    def configure_container(self, pipeline: Pipeline) -> None:
+        """Mounts, GPUs, labels, user and environment of this run's trainer container."""
+        ws = Path(pipeline.workspace)
+        local_model = Path(pipeline.base_model_host).is_absolute()
+        self.mounts = [
+            Mount(target=config.CONTAINER_WORKSPACE, source=config.host_path(ws), type="bind", read_only=False),
+            Mount(target=config.CONTAINER_MODELS, source=_host_models(), type="bind", read_only=True),
+        ]
+        self.device_requests = device_requests(pipeline.gpus)
+        conf = self._configured
+        self.mem_limit = pipeline.memory_limit or conf["mem_limit"]
+        self.labels = {"loraflow.dag_id": pipeline.dag_id, "loraflow.run_id": pipeline.run_id}
+        self.network_mode = "none" if local_model else conf["network_mode"]
+        # environment and container_name are templated: the author's values as rendered.
+        self.environment = {**(self.environment if conf["environment"] else {}), "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                            "HF_HOME": f"{config.CONTAINER_WORKSPACE}/.hf", **({"HF_HUB_OFFLINE": "1"} if local_model else {})}
+        self.container_name = (self.container_name if conf["container_name"] else None) or f"loraflow-{ws.parent.name}-{ws.name}"[:120]
+        self.user = conf["user"] or trainer_user(ws)
+
+    def _remove_stale_containers(self, run_id: str) -> None:
+        """A try killed with its worker leaves its container behind, holding the name this try needs."""
+        for c in self.cli.containers(all=True, filters={"label": f"loraflow.run_id={run_id}"}):
+            self.log.info("loraflow: removing container %s left by an earlier try", c["Id"][:12])
+            self.cli.remove_container(c["Id"], force=True)
 
     def _container_state(self) -> dict[str, Any]:
         try:
@@ -161,6 +178,20 @@ class LoraflowTrainOperator(DockerOperator):
             return
         super().on_kill()
         self._remove_container()
+
+def trainer_user(ws: Path) -> str:
+    """Who the trainer container runs as: LORAFLOW_TRAINER_USER, else Airflow's own uid:gid.
+
+    The workspace and the model cache belong to the Airflow user, and save_pretrained
+    writes weights 0600: any other uid could not read the base model or leave outputs
+    the register task can read. The image's own user (uid 1000) is what docker-compose
+    runs Airflow as, so there the two agree.
+    """
+    explicit = os.environ.get("LORAFLOW_TRAINER_USER")
+    if explicit:
+        return explicit
+    return f"{os.geteuid()}:{os.getegid()}"
+
 
 def _host_models() -> str:
     return os.environ.get("LORAFLOW_HOST_MODELS", str(config.models_dir()))

@@ -47,6 +47,11 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
         "section": "Data", "title": "Dataset path",
         "description": "A CSV, JSONL or Parquet file under an allowed data root (LORAFLOW_DATA_ROOTS); relative paths resolve against the repository.",
     },
+    "eval_dataset_path": {
+        "default": None, "type": ["null", "string"], "maxLength": 4096,
+        "section": "Data", "title": "Eval dataset path",
+        "description": "Optional held-out eval file (same format) under an allowed data root; when set, eval fraction is ignored and the data check fails rows that also appear in the training data.",
+    },
     "eval_fraction": {
         "default": 0.1, "type": "number", "minimum": 0.0, "maximum": 0.5,
         "section": "Data", "title": "Eval fraction",

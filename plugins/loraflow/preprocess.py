@@ -46,16 +46,21 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
     keys = dataset.keys(df, fmt)
     keep = ~keys.duplicated(keep="first").to_numpy()
     df, keys = df[keep], keys[keep]
-    norm = dataset.normalise(keys)
+    norm = dataset.normalised_keys(df, fmt)
     out = normalised_frame(df, fmt)
     if eval_source is not None:
         ev = dataset.read(eval_source)
+        ev_keys = dataset.keys(ev, fmt)
+        ev_keep = ~ev_keys.duplicated(keep="first").to_numpy()
+        ev, ev_keys = ev[ev_keep], ev_keys[ev_keep]
         train, evaluation = out, normalised_frame(ev, fmt)
-        row_hashes = _hashes(pd.concat([keys, dataset.keys(ev, fmt)]))
+        # Which file a row came from is part of the data: moving a row across changes the fingerprint.
+        row_hashes = _hashes(keys) + _hashes("eval\x1f" + ev_keys)
     else:
         is_eval = (dataset.split_bucket(norm) < eval_fraction).to_numpy()
         train, evaluation = out[~is_eval], out[is_eval]
-        row_hashes = _hashes(keys)
+        # The split depends on eval_fraction, which is not in the job spec: hash it too.
+        row_hashes = _hashes(keys) + [f"eval_fraction={eval_fraction!r}"]
     data_dir = workspace / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     _write_parquet(train, data_dir / "train.parquet")

@@ -59,9 +59,17 @@ def reachable(uri: str) -> Iterator[None]:
         raise RegistryUnavailable(f"MLflow at {uri} is unreachable ({type(exc).__name__}); the task retries, outputs stay in the workspace") from None
     except MlflowException as exc:
         text = str(exc)
-        if any(s in text for s in ("Max retries exceeded", "Connection refused", "API request to", "Read timed out", "503", "502", "504")):
-            raise RegistryUnavailable(f"MLflow at {uri} is unreachable ({text.splitlines()[0][:200]}); the task retries, outputs stay in the workspace") from None
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        if any(s in text for s in _UNREACHABLE):
+            raise RegistryUnavailable(f"MLflow at {uri} is unreachable ({first}); the task retries, outputs stay in the workspace") from None
+        if "failed with error code 403" in text or "failed with error code 401" in text:
+            raise RegistryError(f"MLflow at {uri} refused loraflow ({first}); set MLFLOW_TRACKING_USERNAME/PASSWORD, or start the server with --allowed-hosts for this host name") from None
         raise
+
+
+# How the 3.17 client words "no answer" (transport errors, timeouts, a 5xx page from a proxy).
+_UNREACHABLE = ("failed with exception", "failed with timeout exception", "Max retries exceeded", "Connection refused",
+                "Read timed out", "failed with error code 5")
 
 
 def client(uri: str):

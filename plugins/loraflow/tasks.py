@@ -53,6 +53,7 @@ def check_data(ws: str) -> dict[str, Any]:
             Path(pipeline.dataset_path), job.data.data_format,
             max_seq_length=job.training.max_seq_length, min_rows=pipeline.min_rows,
             tokenizer_json=tokenizer if tokenizer.exists() else None,
+            eval_path=Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None,
             report_path=Path(ws) / "data_report.json",
         )
     except LoraflowError as exc:
@@ -62,7 +63,8 @@ def check_data(ws: str) -> dict[str, Any]:
 
 def preprocess(ws: str) -> dict[str, Any]:
     pipeline = Pipeline.load(ws)
-    result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction)
+    eval_source = Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None
+    result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source)
     return result.__dict__
 
 
@@ -99,6 +101,7 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
     job = workspace.load_job(ws)
     registry.http_defaults()
     params = {**job.flat_params(), "dataset_path": pipeline.dataset_path, "eval_fraction": pipeline.eval_fraction,
+              "eval_dataset_path": pipeline.eval_dataset_path or "",
               "registered_model_name": pipeline.registered_model_name, "promotion_metric": pipeline.promotion_metric,
               "runtime": pipeline.runtime}
     try:

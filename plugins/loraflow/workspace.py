@@ -51,6 +51,7 @@ class Pipeline:
     gpus: str
     memory_limit: str
     base_model_host: str  # the base model as the Airflow host sees it (checks read its tokenizer)
+    eval_dataset_path: str | None = None
 
     @property
     def run_key(self) -> str:
@@ -102,6 +103,11 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     dataset = confine(str(settings.get("dataset_path", "")), config.data_roots(), "dataset_path")
     if dataset.suffix not in DATASET_SUFFIXES:
         raise ParamsError(f"dataset_path {dataset.name!r} is not CSV, JSONL or Parquet; convert it to one of those")
+    eval_dataset = None
+    if settings.get("eval_dataset_path"):
+        eval_dataset = confine(str(settings["eval_dataset_path"]), config.data_roots(), "eval_dataset_path")
+        if eval_dataset.suffix not in DATASET_SUFFIXES:
+            raise ParamsError(f"eval_dataset_path {eval_dataset.name!r} is not CSV, JSONL or Parquet; convert it to one of those")
     base_host, base_trainer = resolve_base_model(str(fields.pop("base_model", "")))
     if runtime == "docker" and base_host == base_trainer and Path(base_host).is_absolute():
         base_trainer = f"{config.CONTAINER_MODELS}/{Path(base_host).relative_to(config.models_dir())}"
@@ -111,7 +117,7 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     try:
         job = spec.from_flat(
             {**fields, "base_model": base_trainer, "train_path": "data/train.parquet",
-             "eval_path": "data/eval.parquet" if eval_fraction > 0 else None},
+             "eval_path": "data/eval.parquet" if eval_fraction > 0 or eval_dataset else None},
             output_dir="output",
             labels={"dag_id": dag_id, "run_id": run_id},
         )
@@ -124,7 +130,7 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
         registered_model_name=str(settings.get("registered_model_name", "loraflow-model")),
         promotion_metric=str(settings.get("promotion_metric", "eval_loss")), runtime=runtime,
         gpus=str(settings.get("gpus", "all")), memory_limit=str(settings.get("memory_limit", "") or ""),
-        base_model_host=base_host,
+        base_model_host=base_host, eval_dataset_path=str(eval_dataset) if eval_dataset else None,
     )
     job.write(ws / "job.json")
     _write_json(ws / "pipeline.json", asdict(pipeline))

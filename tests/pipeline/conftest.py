@@ -10,8 +10,13 @@ FAST = {"max_steps": 12, "learning_rate": 1e-2, "max_seq_length": 128, "num_samp
         "per_device_train_batch_size": 8}
 
 
-@pytest.fixture(scope="session")
-def dag(airflow_db, mlflow_server, tiny_model):
+def load_dag():
+    """The DAG as the dag processor parses it: a fresh object for every run.
+
+    dag.test() runs tasks in this process, and Airflow merges each run's conf into the
+    DAG's own Param objects while it validates them: reusing one DAG object would carry
+    one run's settings into the next (a worker process never sees a second run).
+    """
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
@@ -19,15 +24,31 @@ def dag(airflow_db, mlflow_server, tiny_model):
     return bag.get_dag("loraflow_finetune")
 
 
+@pytest.fixture(scope="session")
+def dag(airflow_db, mlflow_server, tiny_model):
+    return load_dag()
+
+
 @pytest.fixture
 def run_dag(dag):
     """Run one DAG run; return (state, {task_id: state}, workspace or None)."""
 
     def _run(conf: dict, **kwargs):
-        dr = dag.test(run_conf=conf, **kwargs)
+        dr = load_dag().test(run_conf=conf, **kwargs)
         return dr.state, task_states(dr), workspace_of(dr)
 
     return _run
+
+
+def try_numbers(dr_or_run_id: str) -> dict[str, int]:
+    """How many times each task of a DAG run was tried."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.run_id == dr_or_run_id)).all()
+        return {ti.task_id: ti.try_number for ti in tis}
 
 
 def task_states(dr) -> dict[str, str]:

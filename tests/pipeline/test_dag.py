@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.pipeline.conftest import conf
+from tests.conftest import REPO, SAMPLE_CHAT, SAMPLE_PC
+from tests.pipeline.conftest import conf, load_dag, try_numbers
+from tests.pipeline.flaky_proxy import FlakyProxy
 
 pytestmark = pytest.mark.slow
 
@@ -78,27 +79,53 @@ def test_scheduled_rerun_of_the_same_data_registers_nothing(dag, run_dag, mlflow
     assert len(versions(mlflow_client, name)) == 1
 
 
+def _sample_lines(path, n):
+    return path.read_bytes().splitlines(keepends=True)[:n]
+
+
+def _chat_row(user: str, assistant: str) -> bytes:
+    return (json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n").encode()
+
+
+# case -> (what the dataset file holds, its format, the rule the check must name, extra conf)
 BAD_DATASETS = {
-    "undecodable": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', "undecodable_bytes"),
-    "duplicates": (None, "duplicates"),
-    "missing_column": (b'{"text": "hello"}\n' * 30, "missing_columns"),
+    "undecodable": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+                    "chat", "line 31", {}),
+    "duplicates": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 40) + _sample_lines(SAMPLE_CHAT, 5)), "chat", "duplicates", {}),
+    "missing_column": (lambda: b'{"text": "hello"}\n' * 30, "chat", "missing_columns", {}),
+    "too_few_rows": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 5)), "chat", "min_rows", {}),
+    "too_long": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + _chat_row("tell me everything", "blah " * 600),
+                 "chat", "too_long", {}),
+    "blank_completion": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": "say hi", "completion": "   "}\n',
+                         "prompt_completion", "blank_text", {}),
+    "null_prompt": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": null, "completion": "hi"}\n',
+                    "prompt_completion", "null_text", {}),
+    "train_eval_leakage": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 60)), "chat", "train_eval_leakage",
+                           {"eval_dataset_path": "LEAKY_EVAL"}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATASETS))
 def test_bad_dataset_fails_at_check_data_and_registers_nothing(run_dag, mlflow_client, data_dir, case):
-    content, rule = BAD_DATASETS[case]
+    content, fmt, rule, extra = BAD_DATASETS[case]
     path = data_dir / f"bad_{case}.jsonl"
-    if content is None:
-        rows = (REPO / "examples" / "data" / "sample_chat.jsonl").read_bytes().splitlines(keepends=True)
-        content = b"".join(rows[:40] + rows[:5])
-    path.write_bytes(content)
+    path.write_bytes(content())
+    if extra.get("eval_dataset_path") == "LEAKY_EVAL":
+        # held-out rows plus two training rows with different case/spacing: still a leak
+        leaky = data_dir / "leaky_eval.jsonl"
+        rows = [json.loads(line) for line in _sample_lines(SAMPLE_CHAT, 80)]
+        for row in rows[:2]:
+            row["messages"][0]["content"] = "  " + row["messages"][0]["content"].upper()
+        leaky.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[60:80]))
+        extra = {"eval_dataset_path": str(leaky)}
     name = f"bad-{case.replace('_', '-')}"
-    state, tis, ws = run_dag(conf(name, dataset_path=str(path)))
+    state, tis, ws = run_dag(conf(name, dataset_path=str(path), data_format=fmt, **extra))
     assert state == "failed"
     assert tis["check_data"] == "failed" and tis["train"] == "upstream_failed" and tis["register"] == "upstream_failed"
+    assert tis["teardown"] == "success"
     report = json.loads((ws / "data_report.json").read_text())
     assert report["passed"] is False and rule in json.dumps(report)
+    assert not (ws / "data" / "train.parquet").exists()  # stopped before preprocessing, long before training
     assert not mlflow_client.search_registered_models(f"name = '{name}'")
 
 
@@ -121,18 +148,43 @@ def test_failing_training_still_runs_teardown_and_marks_the_mlflow_run_failed(ru
     assert not (ws / "output" / "_SUCCESS").exists()
 
 
-def test_invalid_trigger_params_are_rejected_before_anything_runs(dag):
-    from airflow.sdk.definitions.param import ParamsDict
-    from airflow.sdk.exceptions import ParamValidationError
+INVALID_PARAMS = [{"lora_r": 0}, {"quantization": "3bit"}, {"learning_rate": -1}, {"max_seq_length": 4},
+                  {"registered_model_name": "../x"}, {"gpus": "all; rm -rf /"}, {"dp_target_epsilon": 0},
+                  {"runtime": "kubernetes"}, {"eval_fraction": 0.9}, {"max_steps": "ten"}, {"data_format": "xml"}]
 
-    bad = [{"lora_r": 0}, {"quantization": "3bit"}, {"learning_rate": -1}, {"max_seq_length": 4},
-           {"registered_model_name": "../x"}, {"gpus": "all; rm -rf /"}, {"dp_target_epsilon": 0},
-           {"runtime": "kubernetes"}, {"eval_fraction": 0.9}]
-    for values in bad:
-        params = ParamsDict(dag.params)
+
+def test_invalid_trigger_params_are_rejected_before_a_run_exists(dag, airflow_db):
+    """The same validation the UI form and the REST trigger go through: no DAG run is created."""
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.exceptions import ParamValidationError
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    def runs() -> int:
+        with create_session() as session:
+            return session.scalar(select(func.count()).select_from(DagRun).where(DagRun.dag_id == dag.dag_id))
+
+    before = runs()
+    for values in INVALID_PARAMS:
         with pytest.raises(ParamValidationError):
-            params.update(values)
-            params.validate()
+            load_dag().test(run_conf=values)
+    assert runs() == before
+
+
+def test_trigger_form_has_typed_sectioned_params_named_like_the_job_spec(dag):
+    from loraflow_trainer import spec
+
+    flat = spec.from_flat({"base_model": "x", "train_path": "t.parquet"}).flat_params()
+    form = {name: dag.params.get_param(name) for name in dag.params}
+    for name in ("base_model", "data_format", "lora_r", "lora_alpha", "quantization", "num_train_epochs", "max_steps",
+                 "learning_rate", "max_seq_length", "dp_enabled", "dp_target_epsilon"):
+        assert name in flat, name  # one name for one thing: the Param is the job spec field
+    for name in ("dataset_path", "registered_model_name", "promotion_metric", "runtime", "gpus", "base_model",
+                 "lora_r", "quantization", "learning_rate", "dp_enabled", "dp_target_epsilon"):
+        p = form[name]
+        assert p.schema.get("type") and p.schema.get("title") and p.description and p.schema.get("section"), name
+    assert set(form["quantization"].schema["enum"]) >= {"none", "4bit", "8bit"}
+    assert form["lora_r"].schema["minimum"] >= 1
 
 
 def test_dagbag_imports_cleanly_without_the_training_stack():
@@ -150,3 +202,34 @@ def test_dagbag_imports_cleanly_without_the_training_stack():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HEAVY=\n" in out.stdout + "\n" and "HEAVY=" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag, mlflow_server, mlflow_client, monkeypatch):
+    """MLflow is down when register starts, then dies again right after it committed the new
+    version: the retries register the outputs left on disk, and only one version exists."""
+    name = "flaky-registry"
+    with FlakyProxy(mlflow_server) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        proxy.refuse_next("experiments/get-by-name")
+        proxy.drop_after("model-versions/create")
+        state, tis, ws = run_dag(conf(name, max_steps=4))
+    assert proxy.refused == 1 and proxy.dropped  # both faults really happened
+    assert state == "success", tis
+    from loraflow.workspace import Pipeline
+
+    assert try_numbers(Pipeline.load(ws).run_id)["register"] == 3
+    [v1] = versions(mlflow_client, name)
+    assert aliases(mlflow_client, name) == {"champion": v1.version, "challenger": v1.version}
+    assert mlflow_client.get_run(v1.run_id).info.status == "FINISHED"
+    assert (ws / "output" / "_SUCCESS").exists()
+
+
+def test_an_unreachable_mlflow_is_a_retryable_error_that_names_the_fix():
+    from loraflow import registry
+    from loraflow.devstack import free_port
+    from loraflow.errors import RegistryUnavailable
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RegistryUnavailable, match="unreachable.*the task retries, outputs stay in the workspace") as info:
+        registry.is_registered(uri, "any-model", "0" * 64)
+    assert info.value.retryable

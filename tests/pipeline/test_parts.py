@@ -1,0 +1,146 @@
+"""The pipeline's parts without a scheduler: trainer container settings, exit codes, path
+confinement, the hash split and fingerprint, schedules from the environment, the local runtime."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from loraflow_trainer.errors import EXIT_BAD_DATA, EXIT_KILLED, EXIT_MEANINGS
+
+from loraflow import config
+from loraflow.errors import ParamsError, TrainingError
+from loraflow.operators import LoraflowTrainOperator, device_requests, explain_exit
+from loraflow.workspace import Pipeline, confine
+from tests.conftest import SAMPLE_CHAT
+
+
+def _pipeline(ws: Path, **overrides) -> Pipeline:
+    ws.mkdir(parents=True, exist_ok=True)
+    values = dict(dag_id="loraflow_finetune", run_id="manual__2026-01-01T00:00:00+00:00", run_type="manual",
+                  workspace=str(ws), dataset_path=str(SAMPLE_CHAT), eval_fraction=0.1, min_rows=20,
+                  registered_model_name="m", promotion_metric="eval_loss", runtime="docker", gpus="all",
+                  memory_limit="", base_model_host=str(config.models_dir() / "tiny-llama"))
+    values.update(overrides)
+    pipeline = Pipeline(**values)
+    (ws / "pipeline.json").write_text(json.dumps(asdict(pipeline)))
+    return pipeline
+
+
+@pytest.mark.parametrize(("gpus", "expected"), [("all", {"Count": -1}), ("0,2", {"DeviceIDs": ["0", "2"]}), ("none", None)])
+def test_gpus_setting_becomes_docker_device_requests(gpus, expected):
+    requests = device_requests(gpus)
+    if expected is None:
+        assert requests is None
+        return
+    [req] = requests
+    assert req["Capabilities"] == [["gpu"]]
+    for key, value in expected.items():
+        assert req[key] == value
+
+
+def test_trainer_container_gets_the_workspace_rw_the_model_cache_ro_and_the_run_labels(tmp_path):
+    ws = config.runs_dir() / "loraflow_finetune" / "parts-container"
+    pipeline = _pipeline(ws, gpus="1")
+    op = LoraflowTrainOperator(task_id="train", workspace=str(ws))
+    op.configure_container(pipeline)
+    mounts = {m["Target"]: m for m in op.mounts}
+    assert mounts["/workspace"]["Source"] == str(ws.resolve()) and mounts["/workspace"]["ReadOnly"] is False
+    assert mounts["/models"]["Source"] == str(config.models_dir()) and mounts["/models"]["ReadOnly"] is True
+    assert set(mounts) == {"/workspace", "/models"}  # no other host access
+    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id}
+    assert op.command == ["loraflow-train", "--job", "/workspace/job.json"]
+    assert op.device_requests[0]["DeviceIDs"] == ["1"]
+    assert op.network_mode == "none"  # a local base model needs no network
+    assert op.environment["HF_HUB_OFFLINE"] == "1"
+
+
+def test_exit_137_with_oomkilled_is_reported_as_out_of_memory():
+    assert "out of memory" in explain_exit(EXIT_KILLED, oom_killed=True)
+    assert explain_exit(EXIT_KILLED, oom_killed=False) == EXIT_MEANINGS[EXIT_KILLED]
+    assert explain_exit(EXIT_BAD_DATA) == EXIT_MEANINGS[EXIT_BAD_DATA]
+    assert "SIGKILL" in explain_exit(-9)
+
+
+def test_local_runtime_streams_the_trainer_and_names_its_exit_code(tmp_path, monkeypatch, capsys):
+    """A stand-in trainer process (a real subprocess) that prints and exits as the trainer does on bad data."""
+    fake = tmp_path / "loraflow-train"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('step 1 loss 2.0', flush=True)\n"
+                    f"print('bad row', file=sys.stderr)\nsys.exit({EXIT_BAD_DATA})\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LORAFLOW_TRAINER_BIN", str(fake))
+    ws = tmp_path / "ws"
+    _pipeline(ws, runtime="local")
+    op = LoraflowTrainOperator(task_id="train", workspace=str(ws))
+    with pytest.raises(TrainingError) as info:
+        op.execute({})
+    assert f"exit {EXIT_BAD_DATA}" in str(info.value) and EXIT_MEANINGS[EXIT_BAD_DATA] in str(info.value)
+    assert "bad row" in str(info.value)  # the trainer's last line (stderr) says which row
+    assert "step 1 loss 2.0" in capsys.readouterr().out  # streamed into the task log as it ran
+
+
+def test_dataset_paths_must_stay_inside_the_allowed_roots(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.jsonl").write_text("{}\n")
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text("{}\n")
+    (root / "link.jsonl").symlink_to(outside)
+    assert confine("ok.jsonl", [root], "dataset_path") == root / "ok.jsonl"
+    for bad in ("../secret.jsonl", str(outside), "link.jsonl", "file:///etc/passwd", "s3://bucket/x.jsonl"):
+        with pytest.raises(ParamsError, match="dataset_path"):
+            confine(bad, [root], "dataset_path")
+    with pytest.raises(ParamsError, match="does not exist"):
+        confine("missing.jsonl", [root], "dataset_path")
+
+
+def _preprocess(tmp_path: Path, name: str, lines: list[str], **spec_overrides):
+    from loraflow_trainer import spec
+
+    from loraflow.preprocess import preprocess
+
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(lines))
+    job = spec.from_flat({"base_model": "tiny-llama", "data_format": "chat", "train_path": "data/train.parquet",
+                          "eval_path": "data/eval.parquet", **spec_overrides})
+    ws = tmp_path / f"ws-{name}"
+    result = preprocess(src, job, ws, 0.2)
+    import pandas as pd
+
+    return result, set(pd.read_parquet(ws / "data" / "eval.parquet")["messages"])
+
+
+def test_split_and_fingerprint_depend_on_content_not_row_order(tmp_path):
+    lines = SAMPLE_CHAT.read_text().splitlines(keepends=True)
+    shuffled = lines[:]
+    random.Random(7).shuffle(shuffled)
+    a, eval_a = _preprocess(tmp_path, "a", lines)
+    b, eval_b = _preprocess(tmp_path, "b", shuffled + lines[:3])  # reordered, with duplicates
+    assert a.fingerprint == b.fingerprint and eval_a == eval_b and b.dropped_duplicates == 3
+    assert 0 < a.eval_rows < a.train_rows
+    c, _ = _preprocess(tmp_path, "c", lines, lora_r=4)  # same data, other settings
+    d, _ = _preprocess(tmp_path, "d", lines[:-1])  # one row less
+    assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def test_schedule_comes_from_the_environment(monkeypatch):
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    from loraflow import schedule
+
+    monkeypatch.delenv("LORAFLOW_SCHEDULE", raising=False)
+    monkeypatch.delenv("LORAFLOW_DATASET_ASSET", raising=False)
+    assert schedule.from_env() is None and schedule.param_defaults() == {}
+    monkeypatch.setenv("LORAFLOW_SCHEDULE", "0 3 * * 0")
+    assert isinstance(schedule.from_env(), CronTriggerTimetable)
+    monkeypatch.setenv("LORAFLOW_DATASET_ASSET", "file:///data/new%20chat.jsonl")
+    assert isinstance(schedule.from_env(), AssetOrTimeSchedule)
+    assert schedule.param_defaults() == {"dataset_path": "/data/new chat.jsonl"}
+    monkeypatch.delenv("LORAFLOW_SCHEDULE")
+    asset = schedule.from_env()
+    assert isinstance(asset, Asset) and asset.uri == "file:///data/new%20chat.jsonl"
+
