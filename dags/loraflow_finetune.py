@@ -11,6 +11,7 @@ from datetime import timedelta
 from airflow.sdk import DAG, task
 
 from loraflow import params, schedule, tasks
+from loraflow.links import MlflowRunLink
 from loraflow.operators import LoraflowTrainOperator
 
 GPU_POOL = os.environ.get("LORAFLOW_GPU_POOL", "default_pool")
@@ -64,5 +65,6 @@ with DAG(
         execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
     )
     registered = register(ws, train.output)
+    registered.operator.operator_extra_links = (MlflowRunLink(),)
     checked >> prepped >> gate >> train
     registered >> teardown(ws).as_teardown(setups=ws)

@@ -27,6 +27,7 @@ from loraflow_trainer.errors import EXIT_KILLED, EXIT_MEANINGS, EXIT_OUT_OF_MEMO
 
 from loraflow import config
 from loraflow.errors import TrainingError
+from loraflow.links import MlflowRunLink
 from loraflow.workspace import Pipeline
 
 CONTAINER_JOB = f"{config.CONTAINER_WORKSPACE}/job.json"
@@ -60,6 +61,7 @@ def trainer_command() -> list[str]:
 
 class LoraflowTrainOperator(DockerOperator):
     template_fields = (*DockerOperator.template_fields, "workspace")
+    operator_extra_links = (MlflowRunLink(),)
 
     def __init__(self, *, workspace: str, **kwargs: Any) -> None:
         kwargs.setdefault("image", config.image())
