@@ -52,5 +52,13 @@ ui: setup
 stop:
 	$(PY) scripts/demo.py --stop
 
+# Benchmarks (figures and machine notes in docs/benchmarks.md); add ARGS=--smoke for a quick run.
+bench: setup
+	$(PY) bench/throughput.py $(ARGS)
+	$(PY) bench/memory.py $(ARGS)
+	$(PY) bench/data_path.py $(ARGS)
+	$(PY) bench/pipeline_overhead.py $(ARGS)
+	$(PY) bench/gpu.py $(ARGS)
+
 clean:
 	rm -rf .loraflow
