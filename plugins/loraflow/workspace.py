@@ -146,5 +146,3 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
 
-
-write_json = _write_json
