@@ -10,11 +10,9 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, task
 
-from loraflow import params, schedule, tasks
+from loraflow import gpus, params, schedule, tasks
 from loraflow.links import MlflowRunLink
 from loraflow.operators import LoraflowTrainOperator
-
-GPU_POOL = os.environ.get("LORAFLOW_GPU_POOL", "default_pool")
 
 with DAG(
     dag_id="loraflow_finetune",
@@ -61,7 +59,7 @@ with DAG(
     train = LoraflowTrainOperator(
         task_id="train",
         workspace="{{ ti.xcom_pull(task_ids='prepare') }}",
-        pool=GPU_POOL,
+        pool=gpus.pool_name(),  # one slot per GPU: extra runs queue here (loraflow.gpus)
         execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
     )
     registered = register(ws, train.output)

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraflow import gpus
 from loraflow.errors import LoraflowError
 
 
@@ -113,10 +114,12 @@ class LocalStack:
     # -- Airflow -----------------------------------------------------------------
 
     def migrate_airflow_db(self) -> None:
+        """Migrate the metadata DB and create the training pool (one slot per GPU)."""
         subprocess.run(
             [sys.executable, "-m", "airflow", "db", "migrate"],
             env={**os.environ, **self.env()}, check=True, stdout=subprocess.DEVNULL,
         )
+        gpus.ensure_pool(self.env())
 
     def start_airflow_ui(self, detach: bool = True, timeout: float = 120) -> None:
         for component in ("api-server", "scheduler", "dag-processor"):

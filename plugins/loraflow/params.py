@@ -40,6 +40,10 @@ _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
     "num_sample_generations": ("Evaluation", "Sample generations", "Prompts to generate from before and after training (samples.jsonl)."),
 }
 
+GPUS_PATTERN = r"^(auto|all|none|\d{1,3}(,\d{1,3}){0,63})$"
+MEMORY_PATTERN = r"^(|[1-9]\d{0,5}[kmg])$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
 # Pipeline settings that are not part of the job spec.
 _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
     "dataset_path": {
@@ -62,7 +66,7 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
         "section": "Data", "title": "Minimum rows", "description": "Fewer usable rows than this fails the data check.",
     },
     "registered_model_name": {
-        "default": "loraflow-model", "type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        "default": "loraflow-model", "type": "string", "pattern": MODEL_NAME_PATTERN,
         "section": "Registry", "title": "Registered model name", "description": "MLflow registered model to add a version to.",
     },
     "promotion_metric": {
@@ -76,13 +80,18 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
         "description": "docker runs the trainer image (DockerOperator); local runs the same CLI as a subprocess. Empty uses LORAFLOW_RUNTIME.",
     },
     "gpus": {
-        "default": "all", "type": "string", "pattern": r"^(all|none|\d+(,\d+)*)$",
+        "default": "auto", "type": "string", "pattern": GPUS_PATTERN,
         "section": "Runtime", "title": "GPUs",
-        "description": "all GPUs, none (CPU), or device ids such as 0,1 (docker runtime).",
+        "description": "auto takes one free GPU of the worker (CPU where it has none); all, none (CPU), or device ids such as 0,1. A run waits while another holds its GPUs.",
     },
     "memory_limit": {
-        "default": "", "type": "string", "pattern": r"^(|\d+[kmg])$",
+        "default": "", "type": "string", "pattern": MEMORY_PATTERN,
         "section": "Runtime", "title": "Container memory limit", "description": "e.g. 32g; empty means no limit (docker runtime).",
+    },
+    "shm_size": {
+        "default": "1g", "type": "string", "pattern": MEMORY_PATTERN,
+        "section": "Runtime", "title": "Container shared memory (/dev/shm)",
+        "description": "e.g. 2g; dataloader workers and NCCL use it. Empty keeps Docker's 64m (docker runtime).",
     },
 }
 

@@ -14,12 +14,18 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from loraflow import checks, config, registry, workspace
+from loraflow import checks, config, registry, secrets, workspace
 from loraflow.errors import LoraflowError
 from loraflow.preprocess import preprocess as _preprocess
 from loraflow.workspace import Pipeline
 
 SCHEDULED_RUN_TYPES = ("scheduled", "asset_triggered", "asset_materialization")
+
+
+def _mlflow_env() -> None:
+    """Client settings and credentials (from the MLflow connection) for this task process."""
+    registry.http_defaults()
+    secrets.apply_mlflow_credentials()
 
 
 def _fail(exc: LoraflowError):
@@ -74,7 +80,7 @@ def should_train(ws: str) -> bool:
     if pipeline.run_type not in SCHEDULED_RUN_TYPES:
         return True
     fingerprint = json.loads((Path(ws) / "fingerprint.json").read_text())["fingerprint"]
-    registry.http_defaults()
+    _mlflow_env()
     seen = registry.is_registered(config.tracking_uri(), pipeline.registered_model_name, fingerprint)
     if seen:
         print(f"loraflow: data fingerprint {fingerprint[:12]} with these settings is already registered "
@@ -99,7 +105,7 @@ def _lineage(pipeline: Pipeline, job, train_result: dict[str, Any] | None) -> di
 def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str, Any]:
     pipeline = Pipeline.load(ws)
     job = workspace.load_job(ws)
-    registry.http_defaults()
+    _mlflow_env()
     params = {**job.flat_params(), "dataset_path": pipeline.dataset_path, "eval_fraction": pipeline.eval_fraction,
               "eval_dataset_path": pipeline.eval_dataset_path or "",
               "registered_model_name": pipeline.registered_model_name, "promotion_metric": pipeline.promotion_metric,
@@ -148,7 +154,7 @@ def teardown(ws: str, context) -> dict[str, Any]:
 
 def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
     """End this run's MLflow run; a failed pipeline gets a FAILED run even if it never reached register."""
-    registry.http_defaults()
+    _mlflow_env()
     uri = config.tracking_uri()
     if status == "FINISHED" and not (Path(ws) / "output" / "_SUCCESS").exists():
         return None  # skipped as already registered: nothing was tracked, nothing to close

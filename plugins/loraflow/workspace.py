@@ -18,7 +18,7 @@ from loraflow_trainer.errors import JobSpecError
 
 from loraflow import config
 from loraflow.errors import ParamsError
-from loraflow.params import split
+from loraflow.params import GPUS_PATTERN, MEMORY_PATTERN, MODEL_NAME_PATTERN, split
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DATASET_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -52,6 +52,7 @@ class Pipeline:
     memory_limit: str
     base_model_host: str  # the base model as the Airflow host sees it (checks read its tokenizer)
     eval_dataset_path: str | None = None
+    shm_size: str = "1g"
 
     @property
     def run_key(self) -> str:
@@ -100,6 +101,16 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     runtime = settings.get("runtime") or config.default_runtime()
     if runtime not in ("local", "docker"):
         raise ParamsError(f"runtime {runtime!r} is not local or docker; set the runtime param or LORAFLOW_RUNTIME")
+    # The form validates these too; a trigger through the API or the CLI may skip the form.
+    gpus = str(settings.get("gpus", "auto"))
+    if not re.match(GPUS_PATTERN, gpus):
+        raise ParamsError(f"gpus {gpus!r} is not auto, all, none or GPU ids such as 0,1")
+    for name in ("memory_limit", "shm_size"):
+        if not re.match(MEMORY_PATTERN, str(settings.get(name, "") or "")):
+            raise ParamsError(f"{name} {settings[name]!r} is not a size such as 512m or 16g")
+    name = str(settings.get("registered_model_name", "loraflow-model"))
+    if not re.match(MODEL_NAME_PATTERN, name):
+        raise ParamsError(f"registered_model_name {name!r} may hold only letters, digits, '.', '_' and '-'")
     dataset = confine(str(settings.get("dataset_path", "")), config.data_roots(), "dataset_path")
     if dataset.suffix not in DATASET_SUFFIXES:
         raise ParamsError(f"dataset_path {dataset.name!r} is not CSV, JSONL or Parquet; convert it to one of those")
@@ -127,9 +138,10 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     pipeline = Pipeline(
         dag_id=dag_id, run_id=run_id, run_type=run_type, workspace=str(ws), dataset_path=str(dataset),
         eval_fraction=eval_fraction, min_rows=int(settings.get("min_rows", 20)),
-        registered_model_name=str(settings.get("registered_model_name", "loraflow-model")),
+        registered_model_name=name,
         promotion_metric=str(settings.get("promotion_metric", "eval_loss")), runtime=runtime,
-        gpus=str(settings.get("gpus", "all")), memory_limit=str(settings.get("memory_limit", "") or ""),
+        gpus=gpus, memory_limit=str(settings.get("memory_limit", "") or ""),
+        shm_size=str(settings.get("shm_size", "1g") or ""),
         base_model_host=base_host, eval_dataset_path=str(eval_dataset) if eval_dataset else None,
     )
     job.write(ws / "job.json")

@@ -63,10 +63,42 @@ def assert_failed_and_cleaned(docker_client, mlflow_client, name, state, tis, ws
     assert mlflow_run_of(mlflow_client, name, ws).info.status == "FAILED"
 
 
-def test_docker_runtime_trains_in_the_container_and_registers_the_image_digest(
-        run_dag, mlflow_client, docker_client, trainer_image):
+HF_SECRET = "hf_PLANTED_b7c1e5a0d9f24e6c8a31"
+MLFLOW_SECRET = "mlflow-PLANTED-5d2e8f0a71c94b3e"
+
+
+def watch_first_container(docker_client, checks: dict) -> threading.Thread:
+    """Inspect the first running trainer container from outside and from inside (docker exec)."""
+
+    def run():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            for c in docker_client.containers.list(filters={"label": "loraflow.dag_id=loraflow_finetune", "status": "running"}):
+                checks["attrs"] = c.attrs
+                probe = ("id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/1/status; "
+                         "for f in /opt/x /workspace/x /workspace/data/x /workspace/job.json /workspace/output/.probe /tmp/.probe; do "
+                         "if touch $f 2>/dev/null; then echo \"writable $f\"; fi; done; rm -f /workspace/output/.probe")
+                checks["inside"] = c.exec_run(["sh", "-c", probe]).output.decode()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=run, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_digest(
+        run_dag, mlflow_client, docker_client, trainer_image, monkeypatch, stack, capfd):
+    # Credentials as an operator keeps them: Airflow connections (here from the environment).
+    monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_HF", json.dumps({"conn_type": "generic", "password": HF_SECRET}))
+    monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_MLFLOW", json.dumps({"conn_type": "http", "login": "ci", "password": MLFLOW_SECRET}))
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "")  # restored (removed) after the test: the tasks run in this process
     name = "docker-e2e"
-    state, tis, ws = run_dag(docker_conf(name))
+    checks: dict = {}
+    watcher = watch_first_container(docker_client, checks)
+    state, tis, ws = run_dag(docker_conf(name, memory_limit="2g", shm_size="512m"))
+    watcher.join(timeout=5)
     assert state == "success", tis
     [version] = mlflow_client.search_model_versions(f"name = '{name}'")
     image = docker_client.images.get(trainer_image)
@@ -77,6 +109,40 @@ def test_docker_runtime_trains_in_the_container_and_registers_the_image_digest(
     assert (ws / "output" / "adapter" / "adapter_model.safetensors").is_file()
     assert (ws / "output" / "_SUCCESS").is_file()
     assert containers_of(docker_client, run_id_of(ws)) == []
+
+    # The container as Docker ran it.
+    assert "attrs" in checks, "the trainer container was never seen running"
+    host, cfg = checks["attrs"]["HostConfig"], checks["attrs"]["Config"]
+    assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd") and not host["Privileged"]
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"] and host["PidsLimit"] > 0
+    assert host["Memory"] == 2 * 1024**3 and host["ShmSize"] == 512 * 1024**2
+    assert host["NetworkMode"] == "none"
+    assert cfg["User"] and cfg["User"].split(":")[0] not in ("0", "root")
+    mounts = {m["Destination"]: m["RW"] for m in checks["attrs"]["Mounts"]}
+    assert mounts == {"/workspace": False, "/workspace/output": True, "/models": False}
+    assert f"HF_TOKEN={HF_SECRET}" in cfg["Env"]  # the hub token reached the trainer, by its environment only
+    assert not any(MLFLOW_SECRET in e for e in cfg["Env"])  # the trainer never talks to MLflow
+    # ... and as the trainer sees it from inside.
+    inside = checks["inside"].split("\n")
+    assert inside[0] != "0", checks["inside"]
+    assert "CapEff:\t0000000000000000" in inside and "NoNewPrivs:\t1" in inside, checks["inside"]
+    writable = {line.split(" ", 1)[1] for line in inside if line.startswith("writable ")}
+    assert writable == {"/workspace/output/.probe", "/tmp/.probe"}, checks["inside"]
+
+    # The MLflow credentials were used by the tasks that talk to MLflow...
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == MLFLOW_SECRET
+    # ... and neither secret was written anywhere: workspace, task logs, Airflow DB, MLflow
+    # (its DB holds params and tags; artifacts are files), the model cache.
+    leaked = [str(f) for f in stack.home.rglob("*") if f.is_file()
+              and (HF_SECRET.encode() in f.read_bytes() or MLFLOW_SECRET.encode() in f.read_bytes())]
+    assert leaked == []
+    out, err = capfd.readouterr()
+    assert HF_SECRET not in out + err and MLFLOW_SECRET not in out + err
+    run = mlflow_client.get_run(version.run_id)
+    assert not any(HF_SECRET in str(v) or MLFLOW_SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
 
 def test_trainer_exiting_non_zero_fails_the_task_with_the_cause(

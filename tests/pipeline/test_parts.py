@@ -14,6 +14,7 @@ from loraflow_trainer.errors import EXIT_BAD_DATA, EXIT_KILLED, EXIT_MEANINGS
 
 from loraflow import config
 from loraflow.errors import ParamsError, TrainingError
+from loraflow.gpus import GpuLease
 from loraflow.operators import LoraflowTrainOperator, device_requests, explain_exit
 from loraflow.workspace import Pipeline, confine
 from tests.conftest import SAMPLE_CHAT
@@ -31,9 +32,9 @@ def _pipeline(ws: Path, **overrides) -> Pipeline:
     return pipeline
 
 
-@pytest.mark.parametrize(("gpus", "expected"), [("all", {"Count": -1}), ("0,2", {"DeviceIDs": ["0", "2"]}), ("none", None)])
-def test_gpus_setting_becomes_docker_device_requests(gpus, expected):
-    requests = device_requests(gpus)
+@pytest.mark.parametrize(("ids", "expected"), [(None, {"Count": -1}), (["0", "2"], {"DeviceIDs": ["0", "2"]}), ([], None)])
+def test_gpu_lease_becomes_docker_device_requests(ids, expected):
+    requests = device_requests(GpuLease(ids))
     if expected is None:
         assert requests is None
         return
@@ -43,20 +44,23 @@ def test_gpus_setting_becomes_docker_device_requests(gpus, expected):
         assert req[key] == value
 
 
-def test_trainer_container_gets_the_workspace_rw_the_model_cache_ro_and_the_run_labels(tmp_path):
+def test_trainer_container_gets_read_only_inputs_a_writable_output_and_the_run_labels(tmp_path):
     ws = config.runs_dir() / "loraflow_finetune" / "parts-container"
-    pipeline = _pipeline(ws, gpus="1")
+    pipeline = _pipeline(ws, gpus="1", shm_size="2g", memory_limit="3g")
     op = LoraflowTrainOperator(task_id="train", workspace=str(ws))
-    op.configure_container(pipeline)
+    op.configure_container(pipeline, GpuLease(["1"]))
     mounts = {m["Target"]: m for m in op.mounts}
-    assert mounts["/workspace"]["Source"] == str(ws.resolve()) and mounts["/workspace"]["ReadOnly"] is False
+    assert mounts["/workspace"]["Source"] == str(ws.resolve()) and mounts["/workspace"]["ReadOnly"] is True
+    assert mounts["/workspace/output"]["Source"] == str((ws / "output").resolve()) and mounts["/workspace/output"]["ReadOnly"] is False
     assert mounts["/models"]["Source"] == str(config.models_dir()) and mounts["/models"]["ReadOnly"] is True
-    assert set(mounts) == {"/workspace", "/models"}  # no other host access
-    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id}
+    assert set(mounts) == {"/workspace", "/workspace/output", "/models"}  # no other host access
+    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id, "loraflow.gpu": "1"}
     assert op.command == ["loraflow-train", "--job", "/workspace/job.json"]
     assert op.device_requests[0]["DeviceIDs"] == ["1"]
     assert op.network_mode == "none"  # a local base model needs no network
     assert op.environment["HF_HUB_OFFLINE"] == "1"
+    assert op.shm_size == 2 * 1024**3 and op.mem_limit == "3g"
+    assert op.user.split(":")[0] not in ("0", "root")
 
 
 def test_exit_137_with_oomkilled_is_reported_as_out_of_memory():

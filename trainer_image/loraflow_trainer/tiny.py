@@ -120,4 +120,7 @@ def build_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # safetensors writes 0600; a model cache is shared read-only with the (non-root) trainer.
+    for path in out_dir.iterdir():
+        path.chmod(0o644)
     return out_dir
