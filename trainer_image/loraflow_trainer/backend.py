@@ -480,25 +480,29 @@ class HuggingFaceBackend(TrainingBackend):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
 
-        model = self._unwrapped_model()
-        model.save_pretrained(staging / "adapter")
-        self.tokenizer.save_pretrained(staging / "adapter")
-        self._save_mlflow_model(model, staging / "model")
+        try:
+            model = self._unwrapped_model()
+            model.save_pretrained(staging / "adapter")
+            self.tokenizer.save_pretrained(staging / "adapter")
+            self._save_mlflow_model(model, staging / "model")
 
-        samples_after = self.generate_samples()
-        with (staging / "samples.jsonl").open("w") as f:
-            for prompt, before, after in zip(self.sample_prompts, self.samples_before or [""] * len(samples_after), samples_after):
-                f.write(json.dumps({"prompt": prompt, "before": before, "after": after}) + "\n")
-        (staging / "metrics.json").write_text(json.dumps(self.results, indent=2))
-        (staging / "dataset_schema.json").write_text(json.dumps(self._dataset_schema(), indent=2))
-        (staging / "metadata.json").write_text(json.dumps(self._metadata(staging), indent=2))
+            samples_after = self.generate_samples()
+            with (staging / "samples.jsonl").open("w") as f:
+                for prompt, before, after in zip(self.sample_prompts, self.samples_before or [""] * len(samples_after), samples_after):
+                    f.write(json.dumps({"prompt": prompt, "before": before, "after": after}) + "\n")
+            (staging / "metrics.json").write_text(json.dumps(self.results, indent=2))
+            (staging / "dataset_schema.json").write_text(json.dumps(self._dataset_schema(), indent=2))
+            (staging / "metadata.json").write_text(json.dumps(self._metadata(staging), indent=2))
 
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-        staging.rmdir()
+            for item in sorted(staging.iterdir()):
+                target = out / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                item.replace(target)
+            staging.rmdir()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a half-written output must not linger (or fill the disk)
+            raise
         marker = out / f"{SUCCESS_MARKER}.tmp"
         marker.write_text(json.dumps({"completed_at": time.time()}))
         marker.replace(out / SUCCESS_MARKER)

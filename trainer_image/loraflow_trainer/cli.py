@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -74,9 +75,25 @@ def run_job(job_path: Path) -> int:
     backend = HuggingFaceBackend(job, job_dir)
     try:
         backend.train()
+    except Exception as exc:
+        # torch.save reports a full disk as "unexpected pos ..." with the errno lost: ask the disk.
+        if not isinstance(exc, errors.LoraflowTrainerError) and disk_nearly_full(backend.output_dir):
+            raise errors.DiskFullError(
+                f"no space left on the volume of {backend.output_dir} ({shutil.disk_usage(backend.output_dir).free // 1024} KiB free; "
+                f"the write failed with {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                "free space (or move LORAFLOW_HOME), then retry: checkpoints are kept") from exc
+        raise
     finally:
         backend.teardown()
     return errors.EXIT_OK
+
+
+def disk_nearly_full(path: Path, threshold: int = 1 << 20) -> bool:
+    """Whether the volume holding ``path`` has less than ``threshold`` bytes left for us."""
+    try:
+        return shutil.disk_usage(path).free < threshold
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +135,24 @@ def classify(exc: BaseException) -> errors.LoraflowTrainerError:
             f"out of memory ({first_line[:160]}); lower per_device_train_batch_size or max_seq_length, "
             "or use quantization=4bit"
         )
+    if _disk_full(exc):
+        return errors.DiskFullError(f"no space left on device ({first_line[:160]}); free space on the volume that holds "
+                                    "the output directory (or move LORAFLOW_HOME), then retry: checkpoints are kept")
     failure = errors.LoraflowTrainerError(f"{type(exc).__name__}: {first_line[:300]}")
     return failure
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain (torch and safetensors re-raise it as their own errors)."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 if __name__ == "__main__":

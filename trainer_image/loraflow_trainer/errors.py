@@ -13,6 +13,7 @@ EXIT_BAD_DATA = 3  # dataset missing, unreadable, wrong columns, empty after fil
 EXIT_MODEL_NOT_FOUND = 4  # base model path missing or hub id unknown/unreachable offline
 EXIT_OUT_OF_MEMORY = 5  # CUDA/CPU out of memory caught in-process
 EXIT_NO_GPU = 6  # the job needs a GPU feature (e.g. bitsandbytes CUDA) that is not there
+EXIT_DISK_FULL = 7  # no space left writing checkpoints or outputs; nothing is marked complete
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: checkpoints kept, a retry resumes
 EXIT_KILLED = 137  # not ours: SIGKILL, usually the kernel OOM killer on a container memory limit
 
@@ -24,6 +25,7 @@ EXIT_MEANINGS = {
     EXIT_MODEL_NOT_FOUND: "the base model was not found; check base_model and the model cache mount",
     EXIT_OUT_OF_MEMORY: "out of memory; lower per_device_train_batch_size or max_seq_length, or use quantization=4bit",
     EXIT_NO_GPU: "the job needs a GPU that is not available; request a GPU or change the settings for CPU",
+    EXIT_DISK_FULL: "no space left on the workspace volume; free space (or move LORAFLOW_HOME) and retry, checkpoints are kept",
     EXIT_INTERRUPTED: "training was interrupted; checkpoints were kept and a retry resumes from the last one",
     EXIT_KILLED: "the trainer was killed (SIGKILL), most often out of memory at the container limit; raise the memory limit or lower the batch size",
 }
@@ -53,3 +55,7 @@ class OutOfMemoryError(LoraflowTrainerError):
 
 class NoGpuError(LoraflowTrainerError):
     exit_code = EXIT_NO_GPU
+
+
+class DiskFullError(LoraflowTrainerError):
+    exit_code = EXIT_DISK_FULL
