@@ -170,28 +170,47 @@ def test_container_killed_at_its_memory_limit_says_out_of_memory(
     assert containers_of(docker_client, run_id_of(ws)) == []
 
 
-def test_trainer_killed_mid_run_leaves_no_container_and_a_failed_mlflow_run(
-        run_dag, mlflow_client, docker_client, trainer_image):
-    """The container dies under the task (as when a worker or the engine kills it)."""
+def test_trainer_killed_mid_run_fails_cleanly_and_the_retry_resumes_from_its_checkpoint(
+        run_dag, mlflow_client, docker_client, trainer_image, capfd):
+    """The container is SIGKILLed under the task after its first checkpoint (as when a worker
+    or the engine kills it); the retry of the train task continues from that checkpoint."""
+    from loraflow.operators import LoraflowTrainOperator
+    from loraflow.workspace import run_dir
+
     name = "docker-killed"
     killed = []
 
-    def kill_when_training():
+    def kill_after_a_checkpoint():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
             for c in docker_client.containers.list(filters={"label": "loraflow.dag_id=loraflow_finetune"}):
-                if b'"event": "log"' in c.logs():
+                ckpts = run_dir("loraflow_finetune", c.labels["loraflow.run_id"]) / "output" / "checkpoints"
+                if list(ckpts.glob("checkpoint-*/trainer_state.json")):
                     c.kill()
                     killed.append(c.name)
                     return
-            time.sleep(0.5)
+            time.sleep(0.3)
 
-    watcher = threading.Thread(target=kill_when_training, daemon=True)
+    watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     watcher.start()
-    state, tis, ws = run_dag(docker_conf(name, max_steps=5000, eval_steps=5000, save_steps=25))
+    state, tis, ws = run_dag(docker_conf(name, max_steps=5000, eval_steps=5000, save_steps=5))
     watcher.join(timeout=5)
-    assert killed, "the trainer container was never seen training"
+    assert killed, "the trainer container was never seen past a checkpoint"
     assert_failed_and_cleaned(docker_client, mlflow_client, name, state, tis, ws)
+
+    # The retry (a shorter budget, so the test ends soon) resumes instead of starting over.
+    done = max(int(p.parent.name.rsplit("-", 1)[1]) for p in (ws / "output" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    job = json.loads((ws / "job.json").read_text())
+    job["training"]["max_steps"] = done + 3
+    (ws / "job.json").write_text(json.dumps(job))
+    capfd.readouterr()
+    LoraflowTrainOperator(task_id="train", workspace=str(ws)).execute({})
+    log = "".join(capfd.readouterr())  # the trainer's lines, as the task log shows them
+    assert f'"event": "resume", "checkpoint": "/workspace/output/checkpoints/checkpoint-{done}"' in log, log[-3000:]
+    metrics = json.loads((ws / "output" / "metrics.json").read_text())
+    assert metrics["global_step"] == done + 3
+    assert (ws / "output" / "_SUCCESS").is_file()
+    assert containers_of(docker_client, run_id_of(ws)) == []
 
 
 def test_on_kill_stops_and_removes_the_trainer_container(run_dag, docker_client, trainer_image):
