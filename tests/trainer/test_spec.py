@@ -19,10 +19,14 @@ def test_invalid_spec_names_every_wrong_field():
         assert field in msg
 
 
-def test_dp_with_packing_or_quantization_is_refused():
-    base = {"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"}, "privacy": {"dp_enabled": True}}
-    with pytest.raises(JobSpecError, match="packing"):
-        spec.validate({**base, "training": {"packing": True}})
+def test_packing_is_on_by_default_and_dp_turns_it_off_while_quantization_is_refused():
+    base = {"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"}}
+    assert spec.validate(base).training.packing is True
+    dp = {**base, "privacy": {"dp_enabled": True}}
+    assert spec.validate(dp).training.packing is False
+    assert spec.validate({**dp, "training": {"packing": True}}).training.packing is False  # one example per row under DP
+    assert spec.from_flat({"base_model": "m", "train_path": "t.jsonl", "dp_enabled": True, "packing": True}).training.packing is False
+    base = dp
     with pytest.raises(JobSpecError, match="quantization"):
         spec.validate({**base, "model": {"base_model": "m", "quantization": "4bit"}})
 

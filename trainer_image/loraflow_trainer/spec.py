@@ -85,7 +85,8 @@ class TrainingSpec(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     seed: int = Field(42, ge=0)
-    packing: bool = Field(False, description="Pack examples into full rows without cross-example attention.")
+    packing: bool = Field(True, description="Pack examples into full rows without cross-example attention "
+                          "(padding-free; off with DP-SGD, whose privacy unit is one example per row).")
     loss_on: LossOn = Field("completion", description="all tokens, or only completions / assistant turns.")
     gradient_checkpointing: bool = False
     logging_steps: int = Field(1, ge=1)
@@ -130,10 +131,24 @@ class JobSpec(BaseModel):
             raise ValueError(f"this trainer reads spec_version {SPEC_VERSION}, not {v}; regenerate job.json with a matching loraflow")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_trains_one_example_per_row(cls, data: Any) -> Any:
+        """DP-SGD clips each row's gradient: with packing a row would hold several examples and
+        the guarantee would cover rows, not examples. So DP turns packing off (job.json shows it)."""
+        if not isinstance(data, dict):
+            return data
+        privacy = data.get("privacy") or {}
+        dp = privacy.get("dp_enabled") if isinstance(privacy, dict) else getattr(privacy, "dp_enabled", False)
+        training = data.get("training") or {}
+        if dp and isinstance(training, dict):
+            return {**data, "training": {**training, "packing": False}}
+        if dp and getattr(training, "packing", False):
+            return {**data, "training": training.model_copy(update={"packing": False})}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
-        if self.privacy.dp_enabled and self.training.packing:
-            raise ValueError("training.packing cannot be combined with privacy.dp_enabled: DP-SGD needs one example per row")
         if self.privacy.dp_enabled and self.model.quantization != "none":
             raise ValueError("privacy.dp_enabled needs model.quantization='none': Opacus cannot compute per-sample grads through k-bit layers")
         if self.privacy.dp_enabled and self.training.gradient_checkpointing:
