@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.models.browser import Browser
-from tests.models.conftest import login
+from tests.models.conftest import NOBODY, PASSWORD, VIEWER, login
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,20 @@ def get(url: str, token: str | None = None, follow: bool = True):
 def test_plugin_endpoints_refuse_anonymous_requests(airflow_api, path):
     status, _, _ = get(airflow_api + path)
     assert status in (401, 403)
+
+
+@pytest.mark.parametrize("path", PLUGIN_URLS)
+def test_plugin_endpoints_refuse_a_signed_in_user_without_permission_to_read_dag_runs(airflow_api, path):
+    token = login(airflow_api, NOBODY, PASSWORD)  # a valid login, but no role: no DAG run access
+    status, _, body = get(airflow_api + path, token=token)
+    assert status == 403, body
+    assert get(airflow_api + "/api/v2/dags", token=token)[0] == 403  # Airflow's own API agrees
+
+
+def test_a_read_only_viewer_may_read_the_plugin_pages(airflow_api, registered):
+    token = login(airflow_api, VIEWER, PASSWORD)
+    status, _, body = get(airflow_api + "/loraflow/api/runs", token=token)
+    assert status == 200 and registered["run_key"] in body
 
 
 def test_plugin_endpoints_refuse_a_forged_token(airflow_api):
