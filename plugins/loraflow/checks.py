@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pa
+import pandera.pandas as pandera
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from loraflow import dataset
 from loraflow.errors import DataCheckError
@@ -40,12 +42,12 @@ class RuleResult:
         return f"rule {self.rule}: {self.count} row(s) fail{where}; {self.detail}"
 
 
-def _schema(data_format: str) -> pa.DataFrameSchema:
-    not_blank = pa.Check(lambda s: s.astype(str).str.strip().str.len() > 0, name="not_blank")
-    cols = {c: pa.Column(object if data_format == "chat" else str, nullable=False,
+def _schema(data_format: str) -> pandera.DataFrameSchema:
+    not_blank = pandera.Check(lambda s: s.astype(str).str.strip().str.len() > 0, name="not_blank")
+    cols = {c: pandera.Column(object if data_format == "chat" else str, nullable=False,
                          checks=None if data_format == "chat" else [not_blank])
             for c in dataset.FORMAT_COLUMNS[data_format]}
-    return pa.DataFrameSchema(cols, strict=True, coerce=False)
+    return pandera.DataFrameSchema(cols, strict=True, coerce=False)
 
 
 _FIXES = {
@@ -61,7 +63,7 @@ def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
     try:
         _schema(data_format).validate(df, lazy=True)
         return []
-    except pa.errors.SchemaErrors as exc:
+    except pandera.errors.SchemaErrors as exc:
         fc = exc.failure_cases
     results = []
     for check, group in fc.groupby(fc["check"].astype(str), sort=False):
@@ -114,21 +116,76 @@ def _texts_for_length(df: pd.DataFrame, data_format: str, parsed) -> tuple[list[
     return texts, overhead
 
 
-def token_lengths(texts: list[str], tokenizer_json: Path) -> np.ndarray:
+def token_lengths(texts: list[str], tokenizer_json: Path, chunk: int = 10_000) -> np.ndarray:
+    """Exact token counts, encoded in chunks so only one chunk's encodings live at a time."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_truncation()
     tok.no_padding()
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    return np.fromiter((len(e) for e in encode(texts, add_special_tokens=False)), dtype=np.int64, count=len(texts))
+    out = np.empty(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), chunk):
+        out[start:start + chunk] = [len(e) for e in encode(texts[start:start + chunk], add_special_tokens=False)]
+    return out
 
 
-def _length_rule(lengths: np.ndarray, index: pd.Index, max_seq_length: int) -> RuleResult:
+def tokens_at_most_bytes(tokenizer_json: Path) -> bool:
+    """Whether the tokenizer can never produce more tokens than a text has UTF-8 bytes (+1).
+
+    True for byte-level BPE (GPT-2, Llama 3, Mistral Nemo...) and byte-fallback BPE with no
+    normalizer: each token covers at least one byte. Anything else (WordPiece, Unigram, a
+    normalizer that may expand text) is tokenized in full.
+    """
+    spec = json.loads(Path(tokenizer_json).read_text())
+    model = spec.get("model") or {}
+
+    def byte_level(pre) -> bool:
+        return isinstance(pre, dict) and (pre.get("type") == "ByteLevel" or any(byte_level(x) for x in pre.get("pretokenizers") or []))
+
+    return (model.get("type") == "BPE" and spec.get("normalizer") is None
+            and (byte_level(spec.get("pre_tokenizer")) or bool(model.get("byte_fallback"))))
+
+
+SAMPLE_ROWS = 10_000
+
+
+def _measure_lengths(texts: list[str], overhead: np.ndarray, tokenizer_json: Path, max_seq_length: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """(lengths that may exceed max_seq_length with their positions, report stats).
+
+    With a tokenizer that never yields more tokens than bytes, only rows whose byte length
+    plus overhead exceeds max_seq_length can be too long, and only those are tokenized;
+    the distribution in the report comes from a fixed-seed sample of SAMPLE_ROWS rows (all
+    rows when there are fewer) plus those candidates.
+    """
+    n = len(texts)
+    if n <= SAMPLE_ROWS or not tokens_at_most_bytes(tokenizer_json):
+        lengths = token_lengths(texts, tokenizer_json) + overhead
+        return lengths, _stats(lengths, n, n, "all rows tokenized")
+    nbytes = pc.binary_length(pa.array(texts, type=pa.large_string())).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(nbytes + 1 + overhead > max_seq_length)
+    sample = np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False)
+    todo = np.union1d(candidates, sample)
+    measured = token_lengths([texts[i] for i in todo], tokenizer_json) + overhead[todo]
+    lengths = np.zeros(n, dtype=np.int64)  # rows not tokenized cannot exceed the limit
+    lengths[todo] = measured
+    sampled = lengths[sample]
+    stats = _stats(sampled, len(todo), len(sample), f"{len(candidates)} row(s) whose UTF-8 length could exceed "
+                   f"max_seq_length tokenized exactly; the distribution is from a {len(sample)}-row sample")
+    stats["max"] = int(measured.max())
+    return lengths, stats
+
+
+def _stats(lengths: np.ndarray, tokenized: int, sampled: int, method: str) -> dict[str, Any]:
+    return {"max": int(lengths.max()), "p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+            "mean": float(lengths.mean()), "rows_tokenized": int(tokenized), "sampled_rows": int(sampled), "method": method}
+
+
+def _length_rule(lengths: np.ndarray, index: pd.Index, max_seq_length: int, longest: int) -> RuleResult:
     over = lengths > max_seq_length
     rows = index[over].tolist()
     return RuleResult("too_long", not rows, len(rows), rows[:MAX_EXAMPLES],
-                      f"these exceed max_seq_length={max_seq_length} tokens (longest {int(lengths.max()) if len(lengths) else 0}); "
+                      f"these exceed max_seq_length={max_seq_length} tokens (longest {longest}); "
                       "raise max_seq_length or shorten/drop them")
 
 
@@ -188,10 +245,8 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
     results.append(_duplicates_rule(keys))
     if tokenizer_json is not None and tokenizer_json.exists() and len(usable):
         texts, overhead = _texts_for_length(usable, data_format, parsed)
-        lengths = token_lengths(texts, tokenizer_json) + overhead
-        report["token_lengths"] = {"max": int(lengths.max()), "p50": float(np.percentile(lengths, 50)),
-                                   "p95": float(np.percentile(lengths, 95)), "mean": float(lengths.mean())}
-        results.append(_length_rule(lengths, usable.index, max_seq_length))
+        lengths, report["token_lengths"] = _measure_lengths(texts, overhead, tokenizer_json, max_seq_length)
+        results.append(_length_rule(lengths, usable.index, max_seq_length, report["token_lengths"]["max"]))
     else:
         report["token_lengths"] = None
         report["notes"] = ["token length not checked: no local tokenizer.json for the base model (the trainer truncates)"]

@@ -19,7 +19,7 @@ from loraflow.errors import DataCheckError
 
 FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = frozenset({"system", "user", "assistant", "tool"})
-_SPACE = re.compile(r"\s+")
+_SPACE = re.compile(r"[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -48,7 +48,38 @@ def read(path: Path) -> pd.DataFrame:
             raise DataCheckError(f"rule readable: {path.name} is not valid CSV ({str(exc)[:160]}); fix the quoting/columns") from None
         df.index = pd.RangeIndex(2, len(df) + 2)  # line 1 is the header
         return df
-    return _read_jsonl(text, path.name)
+    fast = _read_jsonl_arrow(raw)
+    return fast if fast is not None else _read_jsonl(text, path.name)
+
+
+_SPACES_ONLY_LINE = re.compile(rb"\n[ \t\r]+(?:\n|\Z)")
+
+
+def _has_blank_line(body: bytes) -> bool:
+    first = body.lstrip(b" \t\r")
+    return (not first or first.startswith(b"\n") or b"\n\n" in body or b"\n\r\n" in body
+            or _SPACES_ONLY_LINE.search(body) is not None)
+
+
+def _read_jsonl_arrow(raw: bytes) -> pd.DataFrame | None:
+    """pyarrow's JSON reader for the common case: no blank lines (so row i is line i), every
+    line an object of consistently typed fields. None sends the file to the line-by-line
+    reader, which names the bad line."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    if not body or _has_blank_line(body):
+        return None
+    try:
+        table = pj.read_json(pa.BufferReader(body), read_options=pj.ReadOptions(block_size=1 << 24))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != body.count(b"\n") + 1:
+        return None
+    df = table.to_pandas()  # a list of {role, content} arrives as an array of dicts per row
+    df.index = pd.RangeIndex(1, len(df) + 1)
+    return df
 
 
 def _read_jsonl(text: str, name: str) -> pd.DataFrame:
@@ -99,6 +130,7 @@ def keys(df: pd.DataFrame, data_format: str) -> pd.Series:
 
 
 def _fold(text: str) -> str:
+    """Lower case, whitespace runs (Unicode spaces included) as one space, trimmed."""
     return _SPACE.sub(" ", text.lower()).strip()
 
 
@@ -109,13 +141,26 @@ def normalised_keys(df: pd.DataFrame, data_format: str) -> pd.Series:
     prompt does not hide a repeat.
     """
     if data_format == "text":
-        return df["text"].astype(str).map(_fold)
+        return _fold_column(df["text"])
     if data_format == "prompt_completion":
-        return df["prompt"].astype(str).map(_fold) + "\x1f" + df["completion"].astype(str).map(_fold)
-    return df["messages"].map(
-        lambda v: json.dumps([[m["role"], _fold(m["content"])] for m in (canonical_messages(v) or [])], ensure_ascii=False))
+        return _fold_column(df["prompt"]) + "\x1f" + _fold_column(df["completion"])
+    return pd.Series([json.dumps([[m["role"], _fold(m["content"])] for m in (canonical_messages(v) or [])], ensure_ascii=False)
+                      for v in df["messages"].tolist()], index=df.index, dtype=object)
+
+
+def _fold_column(col: pd.Series) -> pd.Series:
+    """``_fold`` of every cell, vectorised: a 1M-row column in about a second instead of ten."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array(col.astype(str).tolist(), type=pa.large_string())
+    words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(arr)))  # Unicode whitespace
+    folded = pc.binary_join(words, pa.scalar(" ", type=pa.large_string()))
+    return pd.Series(folded.to_pylist(), index=col.index, dtype=object)
 
 
 def split_bucket(norm_keys: pd.Series) -> pd.Series:
     """A stable number in [0, 1) per row from its normalised content (not its position)."""
-    return norm_keys.map(lambda k: int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") / 2**64)
+    blake = hashlib.blake2b
+    return pd.Series([int.from_bytes(blake(k.encode(), digest_size=8).digest(), "big") / 2**64 for k in norm_keys.tolist()],
+                     index=norm_keys.index, dtype="float64")

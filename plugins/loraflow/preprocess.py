@@ -34,8 +34,7 @@ class Preprocessed:
 
 def normalised_frame(df: pd.DataFrame, data_format: str) -> pd.DataFrame:
     if data_format == "chat":
-        msgs = df["messages"].map(lambda v: json.dumps(dataset.canonical_messages(v), ensure_ascii=False))
-        return pd.DataFrame({"messages": msgs.to_numpy()})
+        return pd.DataFrame({"messages": [json.dumps(dataset.canonical_messages(v), ensure_ascii=False) for v in df["messages"].tolist()]})
     cols = dataset.FORMAT_COLUMNS[data_format]
     return pd.DataFrame({c: df[c].astype(str).to_numpy() for c in cols})
 
@@ -88,7 +87,8 @@ def dataset_schema(df: pd.DataFrame, data_format: str, source: Path, train_rows:
 
 
 def _hashes(keys: pd.Series) -> list[str]:
-    return [hashlib.sha256(k.encode()).hexdigest() for k in keys.tolist()]
+    sha = hashlib.sha256
+    return [sha(k.encode()).hexdigest() for k in keys.tolist()]
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

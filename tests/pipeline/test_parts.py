@@ -148,3 +148,35 @@ def test_schedule_comes_from_the_environment(monkeypatch):
     asset = schedule.from_env()
     assert isinstance(asset, Asset) and asset.uri == "file:///data/new%20chat.jsonl"
 
+
+
+def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_full_tokenization(tmp_path, tiny_model, monkeypatch):
+    """Rows whose UTF-8 length cannot exceed the limit are skipped; the verdict must not change."""
+    from loraflow import checks
+
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本語", "emoji😀", "x"]
+    rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(1, 4))), "completion": " ".join(rng.choices(words, k=rng.randint(1, 4)))}
+            for _ in range(400)]
+    rows[123] = {"prompt": " ".join(["gamma"] * 200), "completion": "ok"}  # far over: line 124
+    rows[250] = {"prompt": "é" * 60, "completion": "日本語" * 3}  # many bytes per character: tokenized exactly
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def too_long(sample_rows: int):
+        monkeypatch.setattr(checks, "SAMPLE_ROWS", sample_rows)
+        with pytest.raises(Exception) as err:
+            checks.check(path, "prompt_completion", max_seq_length=64, min_rows=1, tokenizer_json=tiny_model / "tokenizer.json",
+                         report_path=tmp_path / f"report-{sample_rows}.json")
+        report = json.loads((tmp_path / f"report-{sample_rows}.json").read_text())
+        [rule] = [r for r in report["rules"] if r["rule"] == "too_long"]
+        return rule, report["token_lengths"], str(err.value)
+
+    full_rule, full_stats, _ = too_long(10_000)
+    fast_rule, fast_stats, message = too_long(50)
+    assert checks.tokens_at_most_bytes(tiny_model / "tokenizer.json")
+    assert fast_stats["rows_tokenized"] < 400 and "sample" in fast_stats["method"]  # the fast path ran
+    assert full_stats["rows_tokenized"] == 400
+    assert 124 in fast_rule["rows"] and fast_rule["count"] == full_rule["count"] and fast_rule["rows"] == full_rule["rows"]
+    assert fast_stats["max"] == full_stats["max"]
+    assert "line" in message or "124" in message
