@@ -88,12 +88,13 @@ def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
 
 
 def _messages_rule(df: pd.DataFrame) -> tuple[RuleResult, pd.Series]:
-    parsed = df["messages"].map(dataset.canonical_messages)
+    parsed = pd.Series(dataset.parse_messages(df), index=df.index, dtype=object)
+
     def bad(m):
         return (m is None or any(x["role"] not in dataset.ROLES or not x["content"].strip() for x in m)
                 or not any(x["role"] == "assistant" for x in m))
-    mask = parsed.map(bad)
-    rows = df.index[mask.to_numpy()].tolist()
+    mask = np.fromiter((bad(m) for m in parsed.tolist()), dtype=bool, count=len(parsed))
+    rows = df.index[mask].tolist()
     return RuleResult("malformed_messages", not rows, len(rows), rows[:MAX_EXAMPLES],
                       "each row needs a JSON list of {role, content} with roles system/user/assistant/tool, "
                       "non-empty content and at least one assistant turn"), parsed
@@ -241,7 +242,10 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
         parsed = parsed.loc[usable.index]
     else:
         usable = df.dropna(subset=list(dataset.FORMAT_COLUMNS[data_format]))
-    keys = dataset.keys(usable, data_format)
+    if data_format == "chat":  # already parsed by the messages rule
+        keys = pd.Series(dataset.chat_keys(parsed.tolist()), index=usable.index, dtype=object)
+    else:
+        keys = dataset.keys(usable, data_format)
     results.append(_duplicates_rule(keys))
     if tokenizer_json is not None and tokenizer_json.exists() and len(usable):
         texts, overhead = _texts_for_length(usable, data_format, parsed)
@@ -251,7 +255,9 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
         report["token_lengths"] = None
         report["notes"] = ["token length not checked: no local tokenizer.json for the base model (the trainer truncates)"]
     if eval_path is not None:
-        results.extend(_eval_rules(dataset.normalised_keys(usable, data_format), eval_path, data_format))
+        train_norm = (pd.Series(dataset.chat_normalised_keys(parsed.tolist()), index=usable.index) if data_format == "chat"
+                      else dataset.normalised_keys(usable, data_format))
+        results.extend(_eval_rules(train_norm, eval_path, data_format))
     return results
 
 

@@ -19,7 +19,6 @@ from loraflow.errors import DataCheckError
 
 FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = frozenset({"system", "user", "assistant", "tool"})
-_SPACE = re.compile(r"[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -126,12 +125,26 @@ def keys(df: pd.DataFrame, data_format: str) -> pd.Series:
         return df["text"].astype(str)
     if data_format == "prompt_completion":
         return df["prompt"].astype(str) + "\x1f" + df["completion"].astype(str)
-    return df["messages"].map(lambda v: json.dumps(canonical_messages(v), ensure_ascii=False, sort_keys=True))
+    return pd.Series(chat_keys(parse_messages(df)), index=df.index, dtype=object)
+
+
+def parse_messages(df: pd.DataFrame) -> list[list[dict[str, str]] | None]:
+    """``canonical_messages`` of every row, once (callers share it: parsing is the cost)."""
+    return [canonical_messages(v) for v in df["messages"].tolist()]
+
+
+def chat_keys(parsed: list) -> list[str]:
+    return [json.dumps(m, ensure_ascii=False, sort_keys=True) for m in parsed]
+
+
+def chat_normalised_keys(parsed: list) -> list[str]:
+    # Role and folded content, joined with separators JSON text cannot contain unescaped.
+    return ["\x1e".join(m["role"] + "\x1f" + _fold(m["content"]) for m in (msgs or [])) for msgs in parsed]
 
 
 def _fold(text: str) -> str:
-    """Lower case, whitespace runs (Unicode spaces included) as one space, trimmed."""
-    return _SPACE.sub(" ", text.lower()).strip()
+    """Lower case, whitespace runs (Unicode whitespace, as str.split sees it) as one space, trimmed."""
+    return " ".join(text.lower().split())
 
 
 def normalised_keys(df: pd.DataFrame, data_format: str) -> pd.Series:
@@ -144,8 +157,7 @@ def normalised_keys(df: pd.DataFrame, data_format: str) -> pd.Series:
         return _fold_column(df["text"])
     if data_format == "prompt_completion":
         return _fold_column(df["prompt"]) + "\x1f" + _fold_column(df["completion"])
-    return pd.Series([json.dumps([[m["role"], _fold(m["content"])] for m in (canonical_messages(v) or [])], ensure_ascii=False)
-                      for v in df["messages"].tolist()], index=df.index, dtype=object)
+    return pd.Series(chat_normalised_keys(parse_messages(df)), index=df.index, dtype=object)
 
 
 def _fold_column(col: pd.Series) -> pd.Series:

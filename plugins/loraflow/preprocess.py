@@ -32,9 +32,10 @@ class Preprocessed:
     dropped_duplicates: int
 
 
-def normalised_frame(df: pd.DataFrame, data_format: str) -> pd.DataFrame:
+def normalised_frame(df: pd.DataFrame, data_format: str, parsed: list | None = None) -> pd.DataFrame:
     if data_format == "chat":
-        return pd.DataFrame({"messages": [json.dumps(dataset.canonical_messages(v), ensure_ascii=False) for v in df["messages"].tolist()]})
+        parsed = dataset.parse_messages(df) if parsed is None else parsed
+        return pd.DataFrame({"messages": dataset.chat_keys(parsed)})
     cols = dataset.FORMAT_COLUMNS[data_format]
     return pd.DataFrame({c: df[c].astype(str).to_numpy() for c in cols})
 
@@ -42,11 +43,21 @@ def normalised_frame(df: pd.DataFrame, data_format: str) -> pd.DataFrame:
 def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float, eval_source: Path | None = None) -> Preprocessed:
     fmt = job.data.data_format
     df = dataset.read(source)
-    keys = dataset.keys(df, fmt)
-    keep = ~keys.duplicated(keep="first").to_numpy()
-    df, keys = df[keep], keys[keep]
-    norm = dataset.normalised_keys(df, fmt)
-    out = normalised_frame(df, fmt)
+    if fmt == "chat":  # parse the messages once; keys, normalised keys and the output all come from it
+        parsed = dataset.parse_messages(df)
+        keys = pd.Series(dataset.chat_keys(parsed), index=df.index, dtype=object)
+        keep = ~keys.duplicated(keep="first").to_numpy()
+        parsed = [m for m, k in zip(parsed, keep) if k]
+        df, keys = df[keep], keys[keep]
+        norm = pd.Series(dataset.chat_normalised_keys(parsed), index=df.index, dtype=object)
+        del parsed
+        out = pd.DataFrame({"messages": keys.to_numpy()})  # the canonical JSON the key already is
+    else:
+        keys = dataset.keys(df, fmt)
+        keep = ~keys.duplicated(keep="first").to_numpy()
+        df, keys = df[keep], keys[keep]
+        norm = dataset.normalised_keys(df, fmt)
+        out = normalised_frame(df, fmt)
     if eval_source is not None:
         ev = dataset.read(eval_source)
         ev_keys = dataset.keys(ev, fmt)
