@@ -14,9 +14,8 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from loraflow import checks, config, registry, secrets, workspace
+from loraflow import config, registry, secrets, workspace
 from loraflow.errors import LoraflowError
-from loraflow.preprocess import preprocess as _preprocess
 from loraflow.workspace import Pipeline
 
 SCHEDULED_RUN_TYPES = ("scheduled", "asset_triggered", "asset_materialization")
@@ -51,6 +50,8 @@ def prepare(context) -> str:
 
 
 def check_data(ws: str) -> dict[str, Any]:
+    from loraflow import checks  # pandas, pandera, pyarrow: only the data tasks pay for them
+
     pipeline = Pipeline.load(ws)
     job = workspace.load_job(ws)
     tokenizer = Path(pipeline.base_model_host) / "tokenizer.json"
@@ -68,6 +69,8 @@ def check_data(ws: str) -> dict[str, Any]:
 
 
 def preprocess(ws: str) -> dict[str, Any]:
+    from loraflow.preprocess import preprocess as _preprocess
+
     pipeline = Pipeline.load(ws)
     eval_source = Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None
     result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source)
