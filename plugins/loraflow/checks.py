@@ -107,27 +107,48 @@ def _duplicates_rule(keys: pd.Series) -> RuleResult:
                       "remove the repeated rows (preprocessing would drop them and skew the row count)")
 
 
-def _texts_for_length(df: pd.DataFrame, data_format: str, parsed) -> tuple[list[str], np.ndarray]:
-    if data_format == "text":
-        return df["text"].astype(str).tolist(), np.full(len(df), _OVERHEAD["text"])
-    if data_format == "prompt_completion":
-        return (df["prompt"].astype(str) + df["completion"].astype(str)).tolist(), np.full(len(df), _OVERHEAD["prompt_completion"])
-    texts = parsed.map(lambda m: "".join(x["content"] for x in m) if m else "").tolist()
-    overhead = parsed.map(lambda m: 1 + _OVERHEAD["chat_per_message"] * len(m) if m else 0).to_numpy()
-    return texts, overhead
+class _Texts:
+    """The text each row is tokenized as, built only for the rows asked for (a list of 1M
+    Python strings was the data check's largest allocation), with its UTF-8 byte length
+    for every row computed in Arrow."""
+
+    def __init__(self, df: pd.DataFrame, data_format: str, parsed) -> None:
+        self.n = len(df)
+        if data_format == "chat":
+            self._chat = [("".join(x["content"] for x in m) if m else "") for m in parsed.tolist()]
+            self.overhead = np.fromiter((1 + _OVERHEAD["chat_per_message"] * len(m) if m else 0 for m in parsed.tolist()),
+                                        dtype=np.int64, count=self.n)
+            self._cols = None
+        else:
+            self._chat = None
+            self._cols = [pa.array(df[c].astype(str)).cast(pa.large_string())  # Arrow-backed: no Python strings
+                          for c in dataset.FORMAT_COLUMNS[data_format]]
+            self.overhead = np.full(self.n, _OVERHEAD[data_format], dtype=np.int64)
+
+    def nbytes(self) -> np.ndarray:
+        if self._chat is not None:
+            return pc.binary_length(pa.array(self._chat, type=pa.large_string())).to_numpy(zero_copy_only=False)
+        return sum(pc.binary_length(c).to_numpy(zero_copy_only=False) for c in self._cols)
+
+    def take(self, idx: np.ndarray) -> list[str]:
+        if self._chat is not None:
+            return [self._chat[i] for i in idx]
+        cols = [c.take(pa.array(idx)).to_pylist() for c in self._cols]
+        return cols[0] if len(cols) == 1 else [a + b for a, b in zip(*cols)]
 
 
-def token_lengths(texts: list[str], tokenizer_json: Path, chunk: int = 10_000) -> np.ndarray:
-    """Exact token counts, encoded in chunks so only one chunk's encodings live at a time."""
+def token_lengths(texts: _Texts, idx: np.ndarray, tokenizer_json: Path, chunk: int = 10_000) -> np.ndarray:
+    """Exact token counts of rows ``idx``, encoded in chunks so only one chunk's texts and
+    encodings live at a time."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_truncation()
     tok.no_padding()
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    out = np.empty(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), chunk):
-        out[start:start + chunk] = [len(e) for e in encode(texts[start:start + chunk], add_special_tokens=False)]
+    out = np.empty(len(idx), dtype=np.int64)
+    for start in range(0, len(idx), chunk):
+        out[start:start + chunk] = [len(e) for e in encode(texts.take(idx[start:start + chunk]), add_special_tokens=False)]
     return out
 
 
@@ -151,7 +172,7 @@ def tokens_at_most_bytes(tokenizer_json: Path) -> bool:
 SAMPLE_ROWS = 10_000
 
 
-def _measure_lengths(texts: list[str], overhead: np.ndarray, tokenizer_json: Path, max_seq_length: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _measure_lengths(texts: _Texts, tokenizer_json: Path, max_seq_length: int) -> tuple[np.ndarray, dict[str, Any]]:
     """(lengths that may exceed max_seq_length with their positions, report stats).
 
     With a tokenizer that never yields more tokens than bytes, only rows whose byte length
@@ -159,15 +180,14 @@ def _measure_lengths(texts: list[str], overhead: np.ndarray, tokenizer_json: Pat
     the distribution in the report comes from a fixed-seed sample of SAMPLE_ROWS rows (all
     rows when there are fewer) plus those candidates.
     """
-    n = len(texts)
+    n, overhead = texts.n, texts.overhead
     if n <= SAMPLE_ROWS or not tokens_at_most_bytes(tokenizer_json):
-        lengths = token_lengths(texts, tokenizer_json) + overhead
+        lengths = token_lengths(texts, np.arange(n), tokenizer_json) + overhead
         return lengths, _stats(lengths, n, n, "all rows tokenized")
-    nbytes = pc.binary_length(pa.array(texts, type=pa.large_string())).to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(nbytes + 1 + overhead > max_seq_length)
+    candidates = np.flatnonzero(texts.nbytes() + 1 + overhead > max_seq_length)
     sample = np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False)
     todo = np.union1d(candidates, sample)
-    measured = token_lengths([texts[i] for i in todo], tokenizer_json) + overhead[todo]
+    measured = token_lengths(texts, todo, tokenizer_json) + overhead[todo]
     lengths = np.zeros(n, dtype=np.int64)  # rows not tokenized cannot exceed the limit
     lengths[todo] = measured
     sampled = lengths[sample]
@@ -248,8 +268,7 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
         keys = dataset.keys(usable, data_format)
     results.append(_duplicates_rule(keys))
     if tokenizer_json is not None and tokenizer_json.exists() and len(usable):
-        texts, overhead = _texts_for_length(usable, data_format, parsed)
-        lengths, report["token_lengths"] = _measure_lengths(texts, overhead, tokenizer_json, max_seq_length)
+        lengths, report["token_lengths"] = _measure_lengths(_Texts(usable, data_format, parsed), tokenizer_json, max_seq_length)
         results.append(_length_rule(lengths, usable.index, max_seq_length, report["token_lengths"]["max"]))
     else:
         report["token_lengths"] = None

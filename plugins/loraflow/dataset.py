@@ -13,12 +13,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from loraflow.errors import DataCheckError
 
 FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+CHUNK = 100_000
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -165,14 +167,17 @@ def _fold_column(col: pd.Series) -> pd.Series:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = pa.array(col.astype(str).tolist(), type=pa.large_string())
+    arr = pa.array(col.astype(str)).cast(pa.large_string())  # Arrow-backed column: no Python strings
     words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(arr)))  # Unicode whitespace
     folded = pc.binary_join(words, pa.scalar(" ", type=pa.large_string()))
-    return pd.Series(folded.to_pylist(), index=col.index, dtype=object)
+    return pd.Series(pd.arrays.ArrowStringArray(folded.cast(pa.large_string())), index=col.index)
 
 
 def split_bucket(norm_keys: pd.Series) -> pd.Series:
     """A stable number in [0, 1) per row from its normalised content (not its position)."""
     blake = hashlib.blake2b
-    return pd.Series([int.from_bytes(blake(k.encode(), digest_size=8).digest(), "big") / 2**64 for k in norm_keys.tolist()],
-                     index=norm_keys.index, dtype="float64")
+    out = np.empty(len(norm_keys), dtype=np.float64)
+    for start in range(0, len(norm_keys), CHUNK):  # Python strings for one chunk at a time
+        keys = norm_keys.iloc[start:start + CHUNK].tolist()
+        out[start:start + len(keys)] = [int.from_bytes(blake(k.encode(), digest_size=8).digest(), "big") / 2**64 for k in keys]
+    return pd.Series(out, index=norm_keys.index)

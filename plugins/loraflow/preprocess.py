@@ -37,7 +37,7 @@ def normalised_frame(df: pd.DataFrame, data_format: str, parsed: list | None = N
         parsed = dataset.parse_messages(df) if parsed is None else parsed
         return pd.DataFrame({"messages": dataset.chat_keys(parsed)})
     cols = dataset.FORMAT_COLUMNS[data_format]
-    return pd.DataFrame({c: df[c].astype(str).to_numpy() for c in cols})
+    return pd.DataFrame({c: df[c].astype(str).reset_index(drop=True) for c in cols})
 
 
 def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float, eval_source: Path | None = None) -> Preprocessed:
@@ -99,7 +99,10 @@ def dataset_schema(df: pd.DataFrame, data_format: str, source: Path, train_rows:
 
 def _hashes(keys: pd.Series) -> list[str]:
     sha = hashlib.sha256
-    return [sha(k.encode()).hexdigest() for k in keys.tolist()]
+    out: list[str] = []
+    for start in range(0, len(keys), dataset.CHUNK):  # Python strings for one chunk at a time
+        out.extend(sha(k.encode()).hexdigest() for k in keys.iloc[start:start + dataset.CHUNK].tolist())
+    return out
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
