@@ -59,9 +59,35 @@ _FIXES = {
 }
 
 
+def _schema_view(df: pd.DataFrame) -> pd.DataFrame:
+    """What pandera sees: an Arrow list<struct> messages column (the JSONL reader's) stands in
+    as the object column it used to be, one shared placeholder per non-null row, so the
+    schema rules and their verdicts are unchanged without a Python dict per message."""
+    arrow_cols = [c for c in df.columns if isinstance(df[c].dtype, pd.ArrowDtype) and dataset.is_messages_type(df[c].dtype.pyarrow_dtype)]
+    if not arrow_cols:
+        return df
+    view = {}
+    for c in df.columns:
+        if c in arrow_cols:
+            col = np.full(len(df), _PRESENT, dtype=object)
+            col[df[c].isna().to_numpy()] = None
+            view[c] = pd.Series(col, index=df.index, dtype=object)
+        else:
+            view[c] = df[c]
+    return pd.DataFrame(view, index=df.index, copy=False)
+
+
+class _Present:
+    def __repr__(self) -> str:
+        return "[...]"
+
+
+_PRESENT = _Present()
+
+
 def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
     try:
-        _schema(data_format).validate(df, lazy=True)
+        _schema(data_format).validate(_schema_view(df), lazy=True)
         return []
     except pandera.errors.SchemaErrors as exc:
         fc = exc.failure_cases
@@ -87,59 +113,93 @@ def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
     return results
 
 
-def _messages_rule(df: pd.DataFrame) -> tuple[RuleResult, pd.Series]:
-    parsed = pd.Series(dataset.parse_messages(df), index=df.index, dtype=object)
-
-    def bad(m):
-        return (m is None or any(x["role"] not in dataset.ROLES or not x["content"].strip() for x in m)
-                or not any(x["role"] == "assistant" for x in m))
-    mask = np.fromiter((bad(m) for m in parsed.tolist()), dtype=bool, count=len(parsed))
-    rows = df.index[mask].tolist()
-    return RuleResult("malformed_messages", not rows, len(rows), rows[:MAX_EXAMPLES],
-                      "each row needs a JSON list of {role, content} with roles system/user/assistant/tool, "
-                      "non-empty content and at least one assistant turn"), parsed
+_MESSAGES_DETAIL = ("each row needs a JSON list of {role, content} with roles system/user/assistant/tool, "
+                    "non-empty content and at least one assistant turn")
 
 
-def _duplicates_rule(keys: pd.Series) -> RuleResult:
-    dup = keys.duplicated(keep="first")
-    rows = keys.index[dup.to_numpy()].tolist()
+class _ChatScan:
+    """One pass over a messages column in ``dataset.CHUNK``-row slices (``dataset.Chat``, vectorised):
+    per-row verdicts, UTF-8 sizes, message counts and key digests; never a Python dict
+    per message, never all the keys as strings at once."""
+
+    def __init__(self, col: pd.Series, *, digests: bool, normalised: bool) -> None:
+        parts = {"valid": [], "bad": [], "nbytes": [], "counts": [], "digest": [], "norm": []}
+        for start in range(0, len(col), dataset.CHUNK):
+            chat = dataset.Chat(col.iloc[start:start + dataset.CHUNK])
+            parts["valid"].append(chat.valid)
+            parts["bad"].append(chat.bad())
+            parts["nbytes"].append(chat.nbytes())
+            parts["counts"].append(chat.counts)
+            if digests:
+                parts["digest"].append(dataset.digests(chat.keys()))
+            if normalised:
+                parts["norm"].append(chat.normalised_keys())
+        cat = lambda k, dt: np.concatenate(parts[k]) if parts[k] else np.zeros(0, dtype=dt)  # noqa: E731
+        self.valid, self.bad = cat("valid", bool), cat("bad", bool)
+        self.nbytes, self.counts = cat("nbytes", np.int64), cat("counts", np.int64)
+        self.digest = np.concatenate(parts["digest"]) if parts["digest"] else None
+        self.norm = pa.chunked_array(parts["norm"], type=pa.large_string()) if normalised else None
+        self.col = col
+
+
+def _messages_rule(df: pd.DataFrame, **want) -> tuple[RuleResult, _ChatScan]:
+    scan = _ChatScan(df["messages"], digests=want.get("digests", False), normalised=want.get("normalised", False))
+    rows = df.index[scan.bad].tolist()
+    return RuleResult("malformed_messages", not rows, len(rows), rows[:MAX_EXAMPLES], _MESSAGES_DETAIL), scan
+
+
+def _duplicates_rule(index: pd.Index, digest: np.ndarray) -> RuleResult:
+    dup = dataset.duplicated(digest)
+    rows = index[dup].tolist()
     return RuleResult("duplicates", not rows, len(rows), rows[:MAX_EXAMPLES],
                       "remove the repeated rows (preprocessing would drop them and skew the row count)")
+
+
+def _digests(df: pd.DataFrame, data_format: str) -> np.ndarray:
+    """sha256 of every row's key, built and hashed ``dataset.CHUNK`` rows at a time."""
+    parts = [dataset.digests(dataset.key_array(df, data_format, slice(s, s + dataset.CHUNK))) for s in range(0, len(df), dataset.CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros((0, 32), dtype=np.uint8)
 
 
 class _Texts:
     """The text each row is tokenized as, built only for the rows asked for (a list of 1M
     Python strings was the data check's largest allocation), with its UTF-8 byte length
-    for every row computed in Arrow."""
+    for every row computed in Arrow. ``rows``: positions in the frame of the rows checked."""
 
-    def __init__(self, df: pd.DataFrame, data_format: str, parsed) -> None:
-        self.n = len(df)
+    def __init__(self, df: pd.DataFrame, data_format: str, rows: np.ndarray, chat: _ChatScan | None = None) -> None:
+        self.n = len(rows)
+        self.rows = rows
+        self._nbytes = None
         if data_format == "chat":
-            self._chat = [("".join(x["content"] for x in m) if m else "") for m in parsed.tolist()]
-            self.overhead = np.fromiter((1 + _OVERHEAD["chat_per_message"] * len(m) if m else 0 for m in parsed.tolist()),
-                                        dtype=np.int64, count=self.n)
-            self._cols = None
+            self._chat, self._cols = chat, None
+            self.overhead = 1 + _OVERHEAD["chat_per_message"] * chat.counts[rows]
         else:
             self._chat = None
-            self._cols = [pa.array(df[c].astype(str)).cast(pa.large_string())  # Arrow-backed: no Python strings
-                          for c in dataset.FORMAT_COLUMNS[data_format]]
+            self._cols = [dataset.text_array(df[c]) for c in dataset.FORMAT_COLUMNS[data_format]]  # Arrow: no Python strings
             self.overhead = np.full(self.n, _OVERHEAD[data_format], dtype=np.int64)
 
     def nbytes(self) -> np.ndarray:
-        if self._chat is not None:
-            return pc.binary_length(pa.array(self._chat, type=pa.large_string())).to_numpy(zero_copy_only=False)
-        return sum(pc.binary_length(c).to_numpy(zero_copy_only=False) for c in self._cols)
+        if self._nbytes is None:
+            self._nbytes = (self._chat.nbytes[self.rows] if self._chat is not None
+                            else sum(pc.binary_length(c).to_numpy(zero_copy_only=False)[self.rows] for c in self._cols))
+        return self._nbytes
 
     def take(self, idx: np.ndarray) -> list[str]:
+        pos = self.rows[idx]
         if self._chat is not None:
-            return [self._chat[i] for i in idx]
-        cols = [c.take(pa.array(idx)).to_pylist() for c in self._cols]
+            col = self._chat.col
+            cells = (dataset.take_pylist(col.array._pa_array, pos) if isinstance(col.dtype, pd.ArrowDtype)
+                     else col.iloc[pos].tolist())
+            return [("".join(x["content"] for x in m) if m else "") for m in map(dataset.canonical_messages, cells)]
+        cols = [dataset.take_pylist(c, pos) for c in self._cols]
         return cols[0] if len(cols) == 1 else [a + b for a, b in zip(*cols)]
 
 
-def token_lengths(texts: _Texts, idx: np.ndarray, tokenizer_json: Path, chunk: int = 10_000) -> np.ndarray:
-    """Exact token counts of rows ``idx``, encoded in chunks so only one chunk's texts and
-    encodings live at a time."""
+def token_lengths(texts: _Texts, idx: np.ndarray, tokenizer_json: Path, chunk: int = 10_000,
+                  chunk_bytes: int = 1 << 20) -> np.ndarray:
+    """Exact token counts of rows ``idx``, encoded in chunks (at most ``chunk`` rows and about
+    ``chunk_bytes`` of text) so only one chunk's texts and encodings live at a time (an
+    Encoding costs ~50x its text in memory: 10k of the longest rows held ~300 MB)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -147,8 +207,12 @@ def token_lengths(texts: _Texts, idx: np.ndarray, tokenizer_json: Path, chunk: i
     tok.no_padding()
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     out = np.empty(len(idx), dtype=np.int64)
-    for start in range(0, len(idx), chunk):
-        out[start:start + chunk] = [len(e) for e in encode(texts.take(idx[start:start + chunk]), add_special_tokens=False)]
+    sizes = texts.nbytes()[idx] if len(idx) else np.zeros(0, dtype=np.int64)
+    start = 0
+    while start < len(idx):
+        stop = min(start + chunk, len(idx), start + 1 + int(np.searchsorted(np.cumsum(sizes[start:start + chunk]), chunk_bytes)))
+        out[start:stop] = [len(e) for e in encode(texts.take(idx[start:stop]), add_special_tokens=False)]
+        start = stop
     return out
 
 
@@ -253,34 +317,34 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
     for r in results:
         if r.rule in ("null_text", "blank_text"):
             bad_rows.update(r.rows)
-    parsed = None
-    usable = df
+    chat = None
     if data_format == "chat":
-        rule, parsed = _messages_rule(df)
+        rule, chat = _messages_rule(df, digests=True, normalised=eval_path is not None)
         results.append(rule)
-        usable = df[parsed.map(lambda m: m is not None).to_numpy()]
-        parsed = parsed.loc[usable.index]
+        usable = np.flatnonzero(chat.valid)  # rows canonical_messages can read
+        digest = chat.digest[usable]
     else:
-        usable = df.dropna(subset=list(dataset.FORMAT_COLUMNS[data_format]))
-    if data_format == "chat":  # already parsed by the messages rule
-        keys = pd.Series(dataset.chat_keys(parsed.tolist()), index=usable.index, dtype=object)
-    else:
-        keys = dataset.keys(usable, data_format)
-    results.append(_duplicates_rule(keys))
+        cols = list(dataset.FORMAT_COLUMNS[data_format])
+        notna = df[cols].notna().all(axis=1).to_numpy()
+        usable = np.arange(len(df)) if notna.all() else np.flatnonzero(notna)
+        digest = _digests(df if len(usable) == len(df) else df.iloc[usable], data_format)
+    index = df.index[usable]
+    results.append(_duplicates_rule(index, digest))
+    del digest
     if tokenizer_json is not None and tokenizer_json.exists() and len(usable):
-        lengths, report["token_lengths"] = _measure_lengths(_Texts(usable, data_format, parsed), tokenizer_json, max_seq_length)
-        results.append(_length_rule(lengths, usable.index, max_seq_length, report["token_lengths"]["max"]))
+        lengths, report["token_lengths"] = _measure_lengths(_Texts(df, data_format, usable, chat), tokenizer_json, max_seq_length)
+        results.append(_length_rule(lengths, index, max_seq_length, report["token_lengths"]["max"]))
     else:
         report["token_lengths"] = None
         report["notes"] = ["token length not checked: no local tokenizer.json for the base model (the trainer truncates)"]
     if eval_path is not None:
-        train_norm = (pd.Series(dataset.chat_normalised_keys(parsed.tolist()), index=usable.index) if data_format == "chat"
-                      else dataset.normalised_keys(usable, data_format))
+        train_norm = (chat.norm.combine_chunks().take(pa.array(usable)) if data_format == "chat"
+                      else dataset.normalised_key_array(df.iloc[usable] if len(usable) != len(df) else df, data_format))
         results.extend(_eval_rules(train_norm, eval_path, data_format))
     return results
 
 
-def _eval_rules(train_norm: pd.Series, eval_path: Path, data_format: str) -> list[RuleResult]:
+def _eval_rules(train_norm, eval_path: Path, data_format: str) -> list[RuleResult]:
     """The separate eval file: the same schema rules (named eval_*), then leakage from train."""
     ev = dataset.read(eval_path)
     schema_rules = _pandera_rules(ev, data_format)
@@ -296,9 +360,10 @@ def _eval_rules(train_norm: pd.Series, eval_path: Path, data_format: str) -> lis
     return [_leakage_rule(train_norm, ev, eval_path, data_format)]
 
 
-def _leakage_rule(train_norm: pd.Series, ev: pd.DataFrame, eval_path: Path, data_format: str) -> RuleResult:
-    leaked = dataset.normalised_keys(ev, data_format).isin(set(train_norm))
-    rows = ev.index[leaked.to_numpy()].tolist()
+def _leakage_rule(train_norm, ev: pd.DataFrame, eval_path: Path, data_format: str) -> RuleResult:
+    ev_norm = dataset.normalised_key_array(ev, data_format)
+    leaked = pc.fill_null(pc.is_in(ev_norm, value_set=train_norm), False).to_numpy(zero_copy_only=False)
+    rows = ev.index[leaked].tolist()
     return RuleResult("train_eval_leakage", not rows, len(rows), rows[:MAX_EXAMPLES],
                       f"these rows of {eval_path.name} also appear (ignoring case/spacing) in the training data; remove them from one side")
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loraflow import dataset
@@ -32,54 +34,78 @@ class Preprocessed:
     dropped_duplicates: int
 
 
-def normalised_frame(df: pd.DataFrame, data_format: str, parsed: list | None = None) -> pd.DataFrame:
-    if data_format == "chat":
-        parsed = dataset.parse_messages(df) if parsed is None else parsed
-        return pd.DataFrame({"messages": dataset.chat_keys(parsed)})
-    cols = dataset.FORMAT_COLUMNS[data_format]
-    return pd.DataFrame({c: df[c].astype(str).reset_index(drop=True) for c in cols})
+class _Rows:
+    """A read file, deduplicated, in ``dataset.CHUNK``-row slices: each slice's output table (the
+    normalised columns), its keys' sha256 and its normalised keys are built and dropped in
+    turn, so no column of Python strings and no second copy of the frame ever exists."""
+
+    def __init__(self, df: pd.DataFrame, data_format: str, prefix: str = "") -> None:
+        self.df, self.fmt, self.prefix = df, data_format, prefix
+        parts = [dataset.digests(self._keys(s)) for s in self._slices()]
+        digest = np.concatenate(parts) if parts else np.zeros((0, 32), dtype=np.uint8)
+        self.keep = ~dataset.duplicated(digest)
+        self.digest = digest[self.keep]  # in the order of the rows kept
+
+    def _slices(self):
+        return [slice(s, s + dataset.CHUNK) for s in range(0, len(self.df), dataset.CHUNK)]
+
+    def _keys(self, rows: slice):
+        keys = dataset.key_array(self.df, self.fmt, rows)
+        return keys if not self.prefix else pc.binary_join_element_wise(dataset._s(self.prefix), keys, dataset._s(""))
+
+    def tables(self, with_norm: bool):
+        """(output table, normalised keys or None) per slice, duplicates dropped."""
+        for rows in self._slices():
+            keep = pa.array(self.keep[rows])
+            if self.fmt == "chat":
+                chat = dataset.Chat(self.df["messages"].iloc[rows])
+                table = pa.table({"messages": chat.keys()}).filter(keep)
+                norm = chat.normalised_keys().filter(keep) if with_norm else None
+            else:
+                part = pa.table({c: dataset.text_array(self.df[c].iloc[rows]) for c in dataset.FORMAT_COLUMNS[self.fmt]})
+                table = part.filter(keep)
+                norm = dataset.normalised_key_array(self.df, self.fmt, rows).filter(keep) if with_norm else None
+            yield table, norm
+
+    def hex_digests(self) -> np.ndarray:
+        return _hex(self.digest)
 
 
 def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float, eval_source: Path | None = None) -> Preprocessed:
     fmt = job.data.data_format
-    df = dataset.read(source)
-    if fmt == "chat":  # parse the messages once; keys, normalised keys and the output all come from it
-        parsed = dataset.parse_messages(df)
-        keys = pd.Series(dataset.chat_keys(parsed), index=df.index, dtype=object)
-        keep = ~keys.duplicated(keep="first").to_numpy()
-        parsed = [m for m, k in zip(parsed, keep) if k]
-        df, keys = df[keep], keys[keep]
-        norm = pd.Series(dataset.chat_normalised_keys(parsed), index=df.index, dtype=object)
-        del parsed
-        out = pd.DataFrame({"messages": keys.to_numpy()})  # the canonical JSON the key already is
-    else:
-        keys = dataset.keys(df, fmt)
-        keep = ~keys.duplicated(keep="first").to_numpy()
-        df, keys = df[keep], keys[keep]
-        norm = dataset.normalised_keys(df, fmt)
-        out = normalised_frame(df, fmt)
-    if eval_source is not None:
-        ev = dataset.read(eval_source)
-        ev_keys = dataset.keys(ev, fmt)
-        ev_keep = ~ev_keys.duplicated(keep="first").to_numpy()
-        ev, ev_keys = ev[ev_keep], ev_keys[ev_keep]
-        train, evaluation = out, normalised_frame(ev, fmt)
-        # Which file a row came from is part of the data: moving a row across changes the fingerprint.
-        row_hashes = _hashes(keys) + _hashes("eval\x1f" + ev_keys)
-    else:
-        is_eval = (dataset.split_bucket(norm) < eval_fraction).to_numpy()
-        train, evaluation = out[~is_eval], out[is_eval]
-        # The split depends on eval_fraction, which is not in the job spec: hash it too.
-        row_hashes = _hashes(keys) + [f"eval_fraction={eval_fraction!r}"]
+    rows = _Rows(dataset.read(source), fmt)
     data_dir = workspace / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    _write_parquet(train, data_dir / "train.parquet")
-    if job.data.eval_path:
-        _write_parquet(evaluation, data_dir / "eval.parquet")
-    fingerprint = hashlib.sha256(("\n".join(sorted(row_hashes)) + "\n" + job.spec_hash()).encode()).hexdigest()
-    schema = dataset_schema(train, fmt, source, len(train), len(evaluation))
+    train_out = _ParquetOut(data_dir / "train.parquet", fmt)
+    eval_out = _ParquetOut(data_dir / "eval.parquet", fmt) if job.data.eval_path else None
+    n_eval = 0
+    if eval_source is not None:
+        for table, _ in rows.tables(with_norm=False):
+            train_out.write(table)
+        ev = _Rows(dataset.read(eval_source), fmt, prefix="eval\x1f")
+        for table, _ in ev.tables(with_norm=False):
+            n_eval += table.num_rows
+            if eval_out is not None:
+                eval_out.write(table)
+        # Which file a row came from is part of the data: moving a row across changes the fingerprint.
+        hexes, extra = np.concatenate([rows.hex_digests(), ev.hex_digests()]), []
+    else:
+        for table, norm in rows.tables(with_norm=True):
+            is_eval = pa.array(dataset.split_bucket(norm) < eval_fraction)
+            train_out.write(table.filter(pc.invert(is_eval)))
+            ev_part = table.filter(is_eval)
+            n_eval += ev_part.num_rows
+            if eval_out is not None:
+                eval_out.write(ev_part)
+        # The split depends on eval_fraction, which is not in the job spec: hash it too.
+        hexes, extra = rows.hex_digests(), [f"eval_fraction={eval_fraction!r}"]
+    n_train = train_out.close()
+    if eval_out is not None:
+        eval_out.close()
+    fingerprint = _fingerprint(hexes, extra, job.spec_hash())
+    schema = dataset_schema(pd.DataFrame(columns=list(train_out.columns)), fmt, source, n_train, n_eval)
     _write_json(workspace / "dataset_schema.json", schema)
-    result = Preprocessed(fingerprint, len(train), len(evaluation), int((~keep).sum()))
+    result = Preprocessed(fingerprint, n_train, n_eval, int((~rows.keep).sum()))
     _write_json(workspace / "fingerprint.json", {"fingerprint": fingerprint, "spec_hash": job.spec_hash(), **result.__dict__})
     # The trainer records the fingerprint in metadata.json: put it in the spec it reads.
     job.model_copy(update={"data_fingerprint": fingerprint}).write(workspace / "job.json")
@@ -97,18 +123,59 @@ def dataset_schema(df: pd.DataFrame, data_format: str, source: Path, train_rows:
     }
 
 
-def _hashes(keys: pd.Series) -> list[str]:
-    sha = hashlib.sha256
-    out: list[str] = []
-    for start in range(0, len(keys), dataset.CHUNK):  # Python strings for one chunk at a time
-        out.extend(sha(k.encode()).hexdigest() for k in keys.iloc[start:start + dataset.CHUNK].tolist())
-    return out
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    tmp.replace(path)
+def _hex(digest: np.ndarray) -> np.ndarray:
+    """(n, 32) digests as an (n,) array of 64-byte lowercase hex strings (``hexdigest()``), vectorised."""
+    out = np.empty((len(digest), 64), dtype=np.uint8)
+    out[:, 0::2] = _HEX[digest >> 4]
+    out[:, 1::2] = _HEX[digest & 15]
+    return out.view("S64").reshape(-1)
+
+
+def _fingerprint(hexes: np.ndarray, extra: list[str], spec_hash: str) -> str:
+    """sha256 of the sorted row hashes (and ``extra`` lines) one per line, then the spec hash:
+    ``sha256(("\\n".join(sorted(lines)) + "\\n" + spec_hash).encode())``, without a Python
+    string per row or the joined text."""
+    hexes = np.sort(hexes)
+    lines = np.empty((len(hexes), 65), dtype=np.uint8)
+    lines[:, :64] = hexes.view(np.uint8).reshape(-1, 64)
+    lines[:, 64] = ord("\n")
+    cuts = sorted((int(np.searchsorted(hexes, e.encode(), side="left")), e) for e in extra)
+    h = hashlib.sha256()
+    start = 0
+    for at, text in cuts + [(len(hexes), None)]:
+        for s in range(start, at, dataset.CHUNK):
+            h.update(lines[s:min(at, s + dataset.CHUNK)].tobytes())
+        if text is not None:
+            h.update((text + "\n").encode())
+        start = at
+    h.update(spec_hash.encode())
+    return h.hexdigest()
+
+
+class _ParquetOut:
+    """A Parquet file written slice by slice (one row group per slice), atomically on close,
+    with the schema ``pa.Table.from_pandas`` gave the whole frame (pandas metadata included)."""
+
+    def __init__(self, path: Path, data_format: str) -> None:
+        self.path, self.tmp = path, path.with_suffix(".tmp")
+        self.columns = dataset.FORMAT_COLUMNS[data_format]
+        empty = pd.DataFrame({c: pd.Series([], dtype="str") for c in self.columns})
+        self.schema = pa.Table.from_pandas(empty, preserve_index=False).schema
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table.cast(self.schema))
+            self.rows += table.num_rows
+
+    def close(self) -> int:
+        self.writer.close()
+        self.tmp.replace(self.path)
+        return self.rows
 
 
 def _write_json(path: Path, payload: Any) -> None:

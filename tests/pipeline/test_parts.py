@@ -180,3 +180,41 @@ def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_fu
     assert 124 in fast_rule["rows"] and fast_rule["count"] == full_rule["count"] and fast_rule["rows"] == full_rule["rows"]
     assert fast_stats["max"] == full_stats["max"]
     assert "line" in message or "124" in message
+
+
+def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by_their_bytes(tmp_path, tiny_model, monkeypatch):
+    """The byte-length shortcut must not let a too-long row through: a row exactly one token over
+    max_seq_length and a row of few characters but many bytes (emoji: several tokens each) are
+    reported with their line numbers; a row exactly at the limit is not."""
+    from tokenizers import Tokenizer
+
+    from loraflow import checks
+
+    limit, overhead = 64, checks._OVERHEAD["prompt_completion"]
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    count = lambda text: len(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
+
+    def with_tokens(n: int) -> str:  # a prompt that, with the completion "ok", is n tokens
+        for k in range(1, 400):
+            if count(" a" * k + "ok") == n:
+                return " a" * k
+        raise AssertionError(f"no prompt of {n} tokens")
+
+    rows = [{"prompt": f"question {i}", "completion": "ok"} for i in range(300)]
+    rows[40] = {"prompt": with_tokens(limit - overhead + 1), "completion": "ok"}  # line 41: limit + 1 tokens
+    rows[90] = {"prompt": with_tokens(limit - overhead), "completion": "ok"}  # line 91: exactly the limit
+    emoji = "😀" * 30  # 30 characters (under the limit), 120 bytes, more than 64 tokens
+    assert len(emoji) + overhead <= limit < count(emoji + "ok") + overhead
+    rows[200] = {"prompt": emoji, "completion": "ok"}  # line 201
+    path = tmp_path / "edge.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    monkeypatch.setattr(checks, "SAMPLE_ROWS", 50)  # 300 rows > 50: the shortcut path, not full tokenization
+    with pytest.raises(Exception) as err:
+        checks.check(path, "prompt_completion", max_seq_length=limit, min_rows=1, tokenizer_json=tiny_model / "tokenizer.json",
+                     report_path=tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    [rule] = [r for r in report["rules"] if r["rule"] == "too_long"]
+    assert report["token_lengths"]["rows_tokenized"] < len(rows)  # rows were skipped, yet:
+    assert rule["rows"] == [41, 201] and rule["count"] == 2
+    assert report["token_lengths"]["max"] == count(emoji + "ok") + overhead
+    assert "too_long" in str(err.value) and "41" in str(err.value)
