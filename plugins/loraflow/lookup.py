@@ -294,8 +294,8 @@ def base_model_path(model_dir: Path) -> str | None:
 # -- promoting ---------------------------------------------------------------------------
 
 
-def promote(uri: str, name: str, version: str, alias: str, reason: str) -> dict[str, Any]:
-    """Point ``alias`` at ``name`` version ``version`` and record who did it and why."""
+def promote(uri: str, name: str, version: str, alias: str, reason: str, by: str | None = None) -> dict[str, Any]:
+    """Point ``alias`` at ``name`` version ``version`` and record who did it (``by``, else the OS user) and why."""
     if not reason or not reason.strip():
         raise LoraflowError("a promotion needs a reason; pass --reason \"why this version\"")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", alias) or alias.lower() == "latest":
@@ -307,7 +307,7 @@ def promote(uri: str, name: str, version: str, alias: str, reason: str) -> dict[
         mc.set_registered_model_alias(name, alias, str(version))
         now = datetime.now(UTC).isoformat(timespec="seconds")
         for key, value in ((registry.PROMOTION_REASON, reason.strip()), (PROMOTED_ALIAS, alias),
-                           (PROMOTED_BY, _who()), (PROMOTED_AT, now)):
+                           (PROMOTED_BY, by or _who()), (PROMOTED_AT, now)):
             mc.set_model_version_tag(name, str(version), key, value)
     after = show(uri, Ref(name, version=str(version)))
     return {**after, "alias": alias, "previous_version": str(previous) if previous is not None else None,

@@ -21,6 +21,7 @@ from tests.conftest import SAMPLE_CHAT
 MODEL = "models-page-demo"
 USER, PASSWORD = "admin", "loraflow-test-pw"
 VIEWER, NOBODY = "viewer", "nobody"  # read-only role; signed in but holding no role at all
+EDITOR = "editor"  # role "user": the least role that may edit DAG runs, so may move an alias
 FAST = {"max_steps": 12, "learning_rate": 1e-2, "max_seq_length": 128, "num_sample_generations": 1,
         "per_device_train_batch_size": 8}
 
@@ -46,9 +47,9 @@ def airflow_api(stack, airflow_db, mlflow_server, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("api-server")
     passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({USER: PASSWORD, VIEWER: PASSWORD, NOBODY: PASSWORD}))
+    passwords.write_text(json.dumps({USER: PASSWORD, VIEWER: PASSWORD, NOBODY: PASSWORD, EDITOR: PASSWORD}))
     port = free_port()
-    env = {**os.environ, **stack.env(), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin,{VIEWER}:viewer,{NOBODY}:",
+    env = {**os.environ, **stack.env(), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin,{VIEWER}:viewer,{NOBODY}:,{EDITOR}:user",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords)}
     log = home / "api-server.log"
     with log.open("wb") as out:

@@ -4,19 +4,30 @@ Plugin apps get no authentication from Airflow by default, so every route depend
 Airflow's own check: a signed-in user allowed to read DAG runs (the JWT from the
 ``Authorization: Bearer`` header or the UI's ``_token`` cookie). Routes are sync
 functions: MLflow's client blocks, and FastAPI runs sync routes in its thread pool.
+
+The one write, ``POST /api/models/{name}/versions/{version}/aliases/{alias}`` (move an
+alias, as ``loraflow models promote`` does), needs more: permission to edit DAG runs
+(Airflow's ``PUT`` on DAG runs; in the simple auth manager the roles user, op and admin,
+not viewer), and the JWT in the ``Authorization`` header. A request authenticated only by
+the cookie is refused: the browser attaches cookies to cross-site requests, a header it
+does not, so a bearer-only write cannot be forged from another site (CSRF).
 """
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Query, Request
+import re
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
-from airflow.api_fastapi.core_api.security import requires_access_dag
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 
 from loraflow import config, lookup
-from loraflow.errors import LoraflowError
+from loraflow.errors import LoraflowError, RegistryError, RegistryUnavailable
 from loraflow.ui import data, page
 
 URL_PREFIX = "/loraflow"
@@ -28,6 +39,8 @@ app = FastAPI(
     title="loraflow",
     description="loraflow runs and the MLflow model versions they registered",
     dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))],
+    # FastAPI's own docs routes skip app dependencies: no anonymous /docs; the schema is served below, signed in.
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
 
 
@@ -46,6 +59,11 @@ def runs_json(session: SessionDep) -> dict:
     return data.as_json(data.overview(session))
 
 
+@app.get("/openapi.json", include_in_schema=False)
+def openapi_schema() -> dict:
+    return app.openapi()
+
+
 @app.get("/mlflow-run", response_model=None)
 def mlflow_run(dag_id: str = Query(...), run_id: str = Query(...)) -> RedirectResponse | HTMLResponse:
     """Where the "MLflow run" extra link points: resolved at click time, so it works before register ran."""
@@ -58,6 +76,56 @@ def mlflow_run(dag_id: str = Query(...), run_id: str = Query(...)) -> RedirectRe
         return HTMLResponse(_message(f"DAG run {dag_id}/{run_id} has not logged to MLflow yet (the register task creates "
                                      "the MLflow run); try again after it has run"), status_code=404)
     return RedirectResponse(found["url"], status_code=307)
+
+
+_bearer = HTTPBearer(auto_error=False, description="the JWT from POST /auth/token; the _token cookie is not accepted for writes")
+
+
+def bearer_only(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """Refuse a write authenticated only by the cookie (CSRF): the JWT must come in the header."""
+    if credentials is None:
+        raise HTTPException(status_code=403, detail=(
+            "this endpoint changes the registry, so it accepts only a bearer token: send the JWT from "
+            "POST /auth/token in the 'Authorization: Bearer <token>' header; the _token cookie alone is refused "
+            "(cross-site request forgery protection)"))
+
+
+class Promotion(BaseModel):
+    reason: str = Field(min_length=1, max_length=5000, description="why this version; stored as loraflow.promotion_reason")
+
+
+@app.post("/api/models/{name}/versions/{version}/aliases/{alias}",
+          dependencies=[Depends(requires_access_dag("PUT", DagAccessEntity.RUN)), Depends(bearer_only)])
+def promote_version(name: str, version: str, alias: str, body: Promotion, user: GetUserDep) -> dict:
+    """Point ``alias`` at version ``version`` of ``name`` and record who (the Airflow user) and why.
+
+    Returns ``{name, version, alias, previous_version, promoted_by, reason}``; ``previous_version``
+    is the version the alias pointed at before (null if it was new).
+    """
+    if not re.fullmatch(r"[1-9][0-9]*", version):
+        raise HTTPException(status_code=400, detail=f"version {version!r} is not a version number; use e.g. 1")
+    if not body.reason.strip():
+        raise HTTPException(status_code=400, detail='a promotion needs a reason; send {"reason": "why this version"}')
+    from mlflow.exceptions import MlflowException
+
+    uri = config.tracking_uri()
+    who = user.get_name()
+    try:
+        done = lookup.promote(uri, name, version, alias, body.reason, by=who)
+    except lookup.NotFound as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    except RegistryUnavailable as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from None
+    except RegistryError as exc:
+        raise HTTPException(status_code=502, detail=str(exc)) from None
+    except LoraflowError as exc:  # an alias loraflow does not accept
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    except MlflowException as exc:  # e.g. an alias MLflow reserves (v1, v2, ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        code = 400 if exc.error_code == "INVALID_PARAMETER_VALUE" else 502
+        raise HTTPException(status_code=code, detail=f"MLflow at {uri} refused to set alias {alias!r}: {first}") from None
+    return {"name": done["name"], "version": done["version"], "alias": done["alias"],
+            "previous_version": done["previous_version"], "promoted_by": who, "reason": done["promotion_reason"]}
 
 
 def _message(text: str) -> str:
