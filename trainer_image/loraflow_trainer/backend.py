@@ -38,6 +38,7 @@ from transformers import (
 from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging as hf_logging
 
+from loraflow_trainer import base_model
 from loraflow_trainer import data as data_mod
 from loraflow_trainer.errors import ModelNotFoundError, OutOfMemoryError
 from loraflow_trainer.spec import JobSpec
@@ -617,6 +618,8 @@ class HuggingFaceBackend(TrainingBackend):
         return {
             "base_model": self.job.model.base_model,
             "base_model_dir": str(self.base_model_dir) if self.base_model_dir else None,
+            "base_model_ref": self._base_ref(),
+            "code": _code_provenance(__version__),
             "spec_hash": self.job.spec_hash(),
             "data_fingerprint": self.job.data_fingerprint,
             "labels": self.job.labels,
@@ -649,8 +652,53 @@ class HuggingFaceBackend(TrainingBackend):
             # Serve the completion, not the prompt echoed back in front of it.
             model_config={"return_full_text": False},
             base_model_path=str(self.base_model_dir) if self.base_model_dir else None,
-            metadata={"loraflow.base_model": self.job.model.base_model, "loraflow.spec_hash": self.job.spec_hash()},
+            metadata={"loraflow.base_model": self.job.model.base_model, "loraflow.spec_hash": self.job.spec_hash(),
+                      base_model.REF_KEY: self._base_ref()},
         )
+        if self.base_model_dir is not None:
+            _bundle_base_resolver(path)
+
+    def _base_ref(self) -> dict[str, Any]:
+        """The base as a portable reference (cache name + weights hash, or hub id + commit); hashed once."""
+        if getattr(self, "_base_ref_value", None) is None:
+            commit = getattr(getattr(self.model, "config", None), "_commit_hash", None) if self.base_model_dir is None else None
+            self._base_ref_value = base_model.reference(self.job.model.base_model, self.base_model_dir,
+                                                        self.job.model.model_revision, commit)
+        return self._base_ref_value
+
+
+def _bundle_base_resolver(model_path: Path) -> None:
+    """Point the MLflow model's pyfunc loader at a copy of ``base_model`` inside the model.
+
+    The transformers flavour would load the base from the absolute path it was trained at
+    (``/models/<name>`` in the container); the bundled loader resolves the recorded
+    reference on the loading host instead, so ``mlflow.pyfunc.load_model`` works there.
+    The transformers flavour itself is left as MLflow wrote it.
+    """
+    from mlflow.models import Model
+    from mlflow.pyfunc import CODE, MAIN
+
+    code = model_path / "code"
+    code.mkdir(exist_ok=True)
+    shutil.copyfile(base_model.__file__, code / f"{base_model.BUNDLED_MODULE}.py")
+    mlmodel = Model.load(str(model_path / "MLmodel"))
+    mlmodel.flavors["python_function"].update({MAIN: base_model.BUNDLED_MODULE, CODE: "code"})
+    mlmodel.save(str(model_path / "MLmodel"))
+
+
+def _code_provenance(trainer_version: str) -> dict[str, str | None]:
+    """What trained this version: the trainer's version, the git commit of its source, the image."""
+    commit = os.environ.get("LORAFLOW_GIT_COMMIT")
+    if not commit:
+        import subprocess
+
+        try:
+            commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):  # no git in the image: the image digest identifies the code
+            commit = None
+    return {"loraflow_trainer": trainer_version, "git_commit": commit,
+            "image": os.environ.get("LORAFLOW_IMAGE") or None, "image_digest": os.environ.get("LORAFLOW_IMAGE_DIGEST") or None}
 
 
 def _trainable(model) -> int:
