@@ -73,10 +73,15 @@ class LoraSpec(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
 
 
+# A million optimizer steps is weeks on one GPU: a larger value is a typo, not a plan.
+MAX_STEPS = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's RandomState (seeded by transformers.set_seed) refuses larger seeds
+
+
 class TrainingSpec(_Section):
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
     num_train_epochs: float = Field(1.0, gt=0.0, le=100.0)
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 trains num_train_epochs.")
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, description="Stop after this many optimizer steps; -1 trains num_train_epochs.")
     per_device_train_batch_size: int = Field(8, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     max_seq_length: int = Field(512, ge=8, le=1_048_576)
@@ -84,7 +89,7 @@ class TrainingSpec(_Section):
     lr_scheduler_type: Scheduler = "linear"
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed (numpy takes seeds below 2**32).")
     packing: bool = Field(True, description="Pack examples into full rows without cross-example attention "
                           "(padding-free; off with DP-SGD, whose privacy unit is one example per row).")
     loss_on: LossOn = Field("completion", description="all tokens, or only completions / assistant turns.")
