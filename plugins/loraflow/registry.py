@@ -35,6 +35,14 @@ GATE_METRIC = "loraflow.gate_metric"
 GATE_VALUE = "loraflow.gate_value"
 RUNTIME = "loraflow.runtime"
 PROMOTION_REASON = "loraflow.promotion_reason"
+# Where a version came from, portably: the base as the model cache's name (or hub id@commit)
+# with its weights hash, and the code that trained it.
+BASE_REF = "loraflow.base_ref"
+BASE_SHA256 = "loraflow.base_sha256"
+LORAFLOW_VERSION = "loraflow.version"
+TRAINER_VERSION = "loraflow.trainer_version"
+GIT_COMMIT = "loraflow.git_commit"  # the plugin/DAG checkout that registered the version
+TRAINER_GIT_COMMIT = "loraflow.trainer_git_commit"  # the trainer source (local runs; docker: the image digest)
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = ("loss", "perplexity")
 
