@@ -102,7 +102,35 @@ def _lineage(pipeline: Pipeline, job, train_result: dict[str, Any] | None) -> di
         registry.RUNTIME: str(train_result.get("runtime") or pipeline.runtime),
         registry.IMAGE: str(train_result.get("image") or ""),
         registry.IMAGE_DIGEST: str(train_result.get("image_digest") or ""),
+        **_provenance(pipeline),
     }
+
+
+def _provenance(pipeline: Pipeline) -> dict[str, str]:
+    """The base as a portable reference and the code versions, from the trainer's metadata.json (once trained)."""
+    import loraflow
+
+    path = Path(pipeline.workspace) / "output" / "metadata.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    ref, code = meta.get("base_model_ref") or {}, meta.get("code") or {}
+    base_ref = {"cache": ref.get("name"), "hub": f"{ref.get('id')}@{ref.get('revision')}"}.get(ref.get("kind"), "")
+    return {registry.BASE_REF: base_ref or "", registry.BASE_SHA256: ref.get("sha256") or "",
+            registry.LORAFLOW_VERSION: loraflow.__version__, registry.TRAINER_VERSION: code.get("loraflow_trainer") or "",
+            registry.GIT_COMMIT: _git_commit(), registry.TRAINER_GIT_COMMIT: code.get("git_commit") or ""}
+
+
+def _git_commit() -> str:
+    """The commit of the plugin/DAG checkout ($LORAFLOW_GIT_COMMIT where it is installed without .git)."""
+    import os
+    import subprocess
+
+    if os.environ.get("LORAFLOW_GIT_COMMIT"):
+        return os.environ["LORAFLOW_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str, Any]:
