@@ -5,6 +5,8 @@
     loraflow models pull REF --dest DIR
     loraflow models generate REF --prompt TEXT [--base-model-path DIR] [--max-new-tokens N]
     loraflow models promote NAME VERSION --alias champion --reason "why"
+    loraflow models serve REF [--host 127.0.0.1] [--port 8000] [--base-model-path DIR]
+    loraflow models export REF --format merged|peft|vllm --out DIR [--register]
 
 Tables for people, ``--json`` for scripts. Exit status: 0 ok, 1 a loraflow error (cause and
 fix on stderr), 2 bad usage, 3 the MLflow server cannot be reached.
@@ -77,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("version")
     s.add_argument("--alias", default="champion")
     s.add_argument("--reason", required=True, help="why this version; stored as the version tag loraflow.promotion_reason")
+    s = cmd("serve", "serve a version over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions); "
+                     "SIGHUP or POST /admin/reload follows its alias to a new version", _serve, _render_serve)
+    s.add_argument("ref")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--base-model-path", help="the base model on this machine, if not in $LORAFLOW_MODELS")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="refuse requests asking for more new tokens")
+    s = cmd("export", "write a version for other servers: merged weights, the PEFT adapter, or the adapter + a vLLM command",
+            _export, _render_export)
+    s.add_argument("ref")
+    s.add_argument("--format", required=True, choices=("merged", "peft", "vllm"))
+    s.add_argument("--out", required=True, help="an empty or new directory")
+    s.add_argument("--base-model-path", help="the base model on this machine, if not in $LORAFLOW_MODELS")
+    s.add_argument("--register", action="store_true", help="merged only: register the merged model as a version of NAME-merged")
+    s.add_argument("--register-name", help="the registered model for --register (default NAME-merged)")
     return p
 
 
@@ -114,6 +131,26 @@ def _generate(args) -> Any:
         raise LoraflowError("--max-new-tokens must be at least 1")
     return generation.generate(_uri(args), args.ref, args.prompt, base_model_path=args.base_model_path,
                                max_new_tokens=args.max_new_tokens, raw=args.raw)
+
+
+def _serve(args) -> Any:
+    from loraflow import serve
+
+    if not 0 < args.port < 65536:
+        raise LoraflowError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.max_tokens_limit < 1:
+        raise LoraflowError("--max-tokens-limit must be at least 1")
+    return serve.serve(_uri(args), args.ref, host=args.host, port=args.port, base_model_path=args.base_model_path,
+                       max_tokens_limit=args.max_tokens_limit)
+
+
+def _export(args) -> Any:
+    from pathlib import Path
+
+    from loraflow import export
+
+    return export.export(_uri(args), args.ref, args.format, Path(args.out), base_model_path=args.base_model_path,
+                         register=args.register, register_name=args.register_name)
 
 
 def _promote(args) -> Any:
@@ -188,6 +225,22 @@ def _render_pull(v: dict) -> str:
 
 def _render_generate(r: dict) -> str:
     return f"{r['name']}/{r['version']} on {r['device']}:\n{r['completion']}"
+
+
+def _render_serve(r: dict) -> str:
+    return f"stopped serving {r['ref']} (version {r['version'] or '-'})"
+
+
+def _render_export(r: dict) -> str:
+    lines = [f"exported {r['name']} version {r['version']} ({r['format']}) to {r['out']}",
+             f"  base model: {r['base']}", f"  lineage:    {r['lineage']}"]
+    if r.get("vllm_command"):
+        lines.append(f"  run:        {r['vllm_command']}")
+    if r.get("registered"):
+        lines.append(f"  registered: {r['registered']['name']} version {r['registered']['version']}")
+    if r.get("caveat"):
+        lines.append(f"  caveat:     {r['caveat']}")
+    return "\n".join(lines)
 
 
 def _render_promote(v: dict) -> str:

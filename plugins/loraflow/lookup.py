@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loraflow import registry
+from loraflow import config, registry
 from loraflow.errors import LoraflowError, RegistryError, RegistryUnavailable
 
 LINEAGE_TAGS = {
@@ -37,6 +37,12 @@ LINEAGE_TAGS = {
     "image_digest": registry.IMAGE_DIGEST,
     "runtime": registry.RUNTIME,
     "gate_metric": registry.GATE_METRIC,
+    "base_ref": registry.BASE_REF,
+    "base_sha256": registry.BASE_SHA256,
+    "loraflow_version": registry.LORAFLOW_VERSION,
+    "trainer_version": registry.TRAINER_VERSION,
+    "git_commit": registry.GIT_COMMIT,
+    "trainer_git_commit": registry.TRAINER_GIT_COMMIT,
 }
 PROMOTED_BY = "loraflow.promoted_by"
 PROMOTED_AT = "loraflow.promoted_at"
@@ -275,9 +281,51 @@ def pull(uri: str, ref: Ref | str, dest: Path) -> dict[str, Any]:
     adapter = dest / "model" / "peft"
     info = {**info, "pulled": pulled, "dest": str(dest.resolve()),
             "adapter_dir": str(adapter.resolve()) if adapter.is_dir() else None,
-            "base_model_path": base_model_path(dest / "model")}
+            "base_model_path": base_model_path(dest / "model"), "base_model_ref": _read_reference(dest / "model")}
     (dest / "version.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def resolve_base(model_dir: Path, info: dict[str, Any], given: str | None = None) -> str:
+    """The base model of a downloaded version on this host (a directory, or a hub id), verified by its weights hash.
+
+    ``given`` (``--base-model-path``) wins; otherwise ``$LORAFLOW_MODELS/<name>``, then the path
+    it was trained at. Versions registered before the base was recorded portably fall back
+    to the recorded path and its directory name in the cache, unverified.
+    """
+    from loraflow_trainer import base_model
+
+    what = f"{info['name']}/{info['version']}"
+    ref = base_model.read_reference(model_dir)
+    if ref:
+        try:
+            return base_model.resolve(ref, given, config.models_dir())
+        except base_model.BaseModelError as exc:
+            raise LoraflowError(f"{what} cannot be loaded here: {exc}") from None
+    recorded = base_model_path(model_dir)
+    looked = [Path(given)] if given else [Path(recorded), config.models_dir() / Path(recorded).name] if recorded else []
+    for cand in looked:
+        if (cand / "config.json").is_file():
+            return str(cand.resolve())
+    wanted = info["lineage"].get("base_model") or "its base model"
+    raise LoraflowError(f"the base model of {what} is not at {' or '.join(map(str, looked)) or '(no path recorded)'}; "
+                        f"pass --base-model-path DIR pointing at a local copy of {wanted} (a directory with config.json)")
+
+
+def download_model(uri: str, info: dict[str, Any], dest: Path) -> Path:
+    """The version's ``model/`` artifact (adapter + base reference) under ``dest``."""
+    from mlflow.artifacts import download_artifacts
+
+    if not info["mlflow_run_id"]:
+        raise RegistryError(f"{info['name']}/{info['version']} has no MLflow run to load the model from; it was not registered by loraflow")
+    with talking_to(uri):
+        return Path(download_artifacts(run_id=info["mlflow_run_id"], artifact_path="model", dst_path=str(dest), tracking_uri=uri))
+
+
+def _read_reference(model_dir: Path) -> dict[str, Any] | None:
+    from loraflow_trainer import base_model
+
+    return base_model.read_reference(model_dir)
 
 
 def base_model_path(model_dir: Path) -> str | None:
@@ -312,6 +360,44 @@ def promote(uri: str, name: str, version: str, alias: str, reason: str, by: str 
     after = show(uri, Ref(name, version=str(version)))
     return {**after, "alias": alias, "previous_version": str(previous) if previous is not None else None,
             "was_aliases": before["aliases"]}
+
+
+SOURCE_MODEL = "loraflow.source_model"
+SOURCE_VERSION = "loraflow.source_version"
+EXPORT_FORMAT = "loraflow.export_format"
+MERGED_VERSION = "loraflow.merged_version"
+
+
+def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineage: dict[str, Any]) -> dict[str, Any]:
+    """Register an exported merged model as a version of ``name``, linked both ways to its adapter version.
+
+    The merged version's source is the HF model directory (``from_pretrained`` loads it once
+    downloaded); tags name the adapter version and the base. Registering the same adapter
+    version again returns the version registered before.
+    """
+    from mlflow.exceptions import MlflowException
+
+    mc = registry.client(uri)
+    source = f"{info['name']}/{info['version']}"
+    base = lineage["base"].get("reference") or {}
+    tags = {SOURCE_MODEL: info["name"], SOURCE_VERSION: info["version"], EXPORT_FORMAT: lineage["format"],
+            registry.BASE_REF: str(base.get("name") or base.get("id") or ""), registry.BASE_SHA256: str(base.get("sha256") or ""),
+            registry.RUN_KEY: f"export/{source}/{lineage['format']}"}
+    with talking_to(uri):
+        with contextlib.suppress(MlflowException):
+            found = registry.find_version(mc, name, registry.RUN_KEY, tags[registry.RUN_KEY])
+            if found:
+                return {"name": name, "version": str(found[0].version), "created": False}
+        exp = mc.get_experiment_by_name(registry.experiment_name(info["name"]))
+        exp_id = exp.experiment_id if exp else mc.create_experiment(registry.experiment_name(info["name"]))
+        run = mc.create_run(exp_id, tags={**tags, "mlflow.runName": f"merge {source}"})
+        mc.log_artifacts(run.info.run_id, str(out), "merged")
+        mc.set_terminated(run.info.run_id, "FINISHED")
+        with contextlib.suppress(MlflowException):
+            mc.create_registered_model(name, description=f"{info['name']} adapters merged into their base model by loraflow")
+        mv = mc.create_model_version(name, f"{run.info.artifact_uri}/merged", run_id=run.info.run_id, tags=tags)
+        mc.set_model_version_tag(info["name"], info["version"], MERGED_VERSION, f"{name}/{mv.version}")
+    return {"name": name, "version": str(mv.version), "created": True, "mlflow_run_id": run.info.run_id}
 
 
 def _who() -> str:

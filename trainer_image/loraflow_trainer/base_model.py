@@ -90,13 +90,14 @@ def reference(base_model: str, model_dir: Path | None, revision: str | None = No
             "trained_at": str(model_dir)}
 
 
-def candidates(ref: dict[str, Any], given: str | Path | None = None) -> list[Path]:
-    """Where ``resolve`` looks, in order: the given path alone, else the cache, then the training path."""
+def candidates(ref: dict[str, Any], given: str | Path | None = None, cache: str | Path | None = None) -> list[Path]:
+    """Where ``resolve`` looks, in order: the given path alone, else the cache (``$LORAFLOW_MODELS``), then the training path."""
     if given:
         return [Path(given).expanduser()]
     out = []
-    if os.environ.get(MODELS_ENV):
-        out.append(Path(os.environ[MODELS_ENV]).expanduser() / ref["name"])
+    cache = cache or os.environ.get(MODELS_ENV)
+    if cache:
+        out.append(Path(cache).expanduser() / ref["name"])
     if ref.get("trained_at"):
         out.append(Path(ref["trained_at"]))
     seen: list[Path] = []
@@ -112,7 +113,7 @@ def describe(ref: dict[str, Any]) -> str:
     return f"base model {ref['name']!r} (weights sha256 {ref['sha256']})"
 
 
-def resolve(ref: dict[str, Any], given: str | Path | None = None) -> str:
+def resolve(ref: dict[str, Any], given: str | Path | None = None, cache: str | Path | None = None) -> str:
     """The base of ``ref`` on this host: a directory whose weights match, or the hub id.
 
     Raises ``BaseModelError`` naming what was expected and every place looked at.
@@ -120,7 +121,7 @@ def resolve(ref: dict[str, Any], given: str | Path | None = None) -> str:
     if ref.get("kind") == "hub":
         return str(given) if given else ref["id"]
     looked = []
-    for cand in candidates(ref, given):
+    for cand in candidates(ref, given, cache):
         if not (cand / "config.json").is_file():
             looked.append(f"{cand} (not there)")
             continue
@@ -132,8 +133,8 @@ def resolve(ref: dict[str, Any], given: str | Path | None = None) -> str:
         if found == ref["sha256"]:
             return str(cand.resolve())
         looked.append(f"{cand} (found weights sha256 {found})")
-    fix = ("pass the directory holding those weights" if given else
-           f"copy that model into ${MODELS_ENV}/{ref['name']} ({MODELS_ENV}={os.environ.get(MODELS_ENV) or 'unset'}) "
+    fix = (f"pass --base-model-path DIR (or {BASE_PATH_ENV}) naming a directory that holds those weights" if given else
+           f"copy that model into ${MODELS_ENV}/{ref['name']} ({MODELS_ENV}={cache or os.environ.get(MODELS_ENV) or 'unset'}) "
            f"or name its directory with --base-model-path (loraflow CLI) or {BASE_PATH_ENV} (mlflow.pyfunc)")
     raise BaseModelError(f"{describe(ref)} expected, not found: looked at {'; '.join(looked) or 'nowhere'}; {fix}")
 
