@@ -7,6 +7,7 @@ One place for the names: ``LORAFLOW_HOME``, ``LORAFLOW_MODELS``, ``LORAFLOW_RUNT
 from __future__ import annotations
 
 import os
+import sysconfig
 from pathlib import Path
 
 DAG_ID = "loraflow_finetune"
@@ -29,7 +30,7 @@ def runs_dir() -> Path:
 def data_roots() -> list[Path]:
     """Directories trigger params may read datasets from (os.pathsep-separated)."""
     raw = os.environ.get("LORAFLOW_DATA_ROOTS")
-    roots = [Path(p) for p in raw.split(os.pathsep) if p] if raw else [home() / "data", repo_root() / "examples"]
+    roots = [Path(p) for p in raw.split(os.pathsep) if p] if raw else [home() / "data", examples_dir()]
     return [r.resolve() for r in roots]
 
 
@@ -57,6 +58,23 @@ def host_path(path: Path) -> str:
     return str(path.resolve())
 
 
+def examples_dir() -> Path:
+    """The bundled examples (sample datasets): ``LORAFLOW_EXAMPLES``, else a checkout's ``examples/``.
+
+    A non-editable install puts this module in site-packages, far from any checkout; the
+    wheel then carries the examples under ``<prefix>/share/loraflow/examples``, so the form's
+    default dataset resolves for triggered and scheduled runs wherever loraflow was installed.
+    """
+    raw = os.environ.get("LORAFLOW_EXAMPLES")
+    if raw:
+        return Path(raw).resolve()
+    checkout = Path(__file__).resolve().parents[2] / "examples"
+    if checkout.is_dir():
+        return checkout
+    # A wheel install carries them as data files (pyproject.toml [tool.setuptools.data-files]).
+    return Path(sysconfig.get_path("data")) / "share" / "loraflow" / "examples"
+
+
 def repo_root() -> Path:
-    """The loraflow checkout (bundled examples live here)."""
-    return Path(__file__).resolve().parents[2]
+    """What relative dataset paths such as ``examples/data/...`` (the form's defaults) resolve against."""
+    return examples_dir().parent
