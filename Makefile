@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: setup system-deps docker-image demo test test-fast ui stop bench clean
+.PHONY: setup system-deps docker-image stack-images stack-test trainer-image-gpu demo test test-fast ui stop bench clean
 
 # Python packages, pinned (constraints.txt holds the whole resolved set).
 $(VENV)/.installed: pyproject.toml trainer_image/pyproject.toml constraints.txt
@@ -31,6 +31,26 @@ docker-image: system-deps
 	bash scripts/start-docker.sh
 	bash scripts/build-base-image.sh
 	bash scripts/build-trainer-image.sh
+
+# Every image of docker-compose.yaml, built here without a registry (README "Deploy the
+# stack"); writes build/stack-images.env, the LORAFLOW_*_IMAGE overrides compose reads.
+stack-images: system-deps
+	bash scripts/start-docker.sh
+	bash scripts/build-stack-images.sh
+
+# The compose stack for real on those images: up --wait, runs through the REST API and
+# Celery, persistence across `down`, two workers; then `down -v` (figures in README).
+stack-test: setup stack-images
+	LORAFLOW_STACK_TEST=1 $(PY) -m pytest -x -q -p no:cacheprovider tests/stack
+
+# The trainer image as a GPU host builds it: PyPI's CUDA torch (its wheels carry the CUDA
+# libraries) on the local Debian base; tagged apart from the CPU image. Downloads ~GBs.
+trainer-image-gpu: system-deps
+	bash scripts/start-docker.sh
+	LORAFLOW_TORCH=cuda LORAFLOW_BASE_IMAGE=$${LORAFLOW_BASE_IMAGE:-loraflow-base:bookworm} \
+	  LORAFLOW_IMAGE=$${LORAFLOW_GPU_IMAGE:-loraflow-trainer:0.1.0-cuda} bash scripts/build-trainer-image.sh
+	docker run --rm $${LORAFLOW_GPU_IMAGE:-loraflow-trainer:0.1.0-cuda} python -c \
+	  'import torch, bitsandbytes; print("torch", torch.__version__, "cuda", torch.version.cuda, "bitsandbytes", bitsandbytes.__version__)'
 
 # End to end on the embedded default: local Airflow DB, local MLflow server, local
 # runtime, the tiny CPU model and the bundled sample dataset.

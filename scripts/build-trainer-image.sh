@@ -89,6 +89,9 @@ if [ "$LORAFLOW_TORCH" = "cpu" ]; then
     echo "loraflow: no CPU torch wheel ($pattern) in $CTX/wheelhouse/ or $WHEELS; put it there (PyPI has only the CUDA build) or build on a GPU host with LORAFLOW_TORCH=cuda." >&2
     exit 1
   }
+else
+  # torch==X matches a local X+cpu wheel too (and pip prefers it): keep it out of a CUDA build.
+  rm -f $CTX/wheelhouse/torch-*+cpu-*.whl
 fi
 echo "trainer image: context has $(ls $CTX/certs | wc -l) extra CA cert(s), $(ls $CTX/wheelhouse | wc -l) local wheel(s)"
 t_ctx=$SECONDS

@@ -42,7 +42,7 @@ def compose_config(**env: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def stack() -> dict:
-    proc = compose_config(AIRFLOW_JWT_SECRET="s3cret-for-the-test")
+    proc = compose_config(AIRFLOW_JWT_SECRET="s3cret-for-the-test", AIRFLOW_ADMIN_PASSWORD="admin-pw-for-the-test")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -86,11 +86,63 @@ def test_mlflow_uses_postgres_a_persistent_artifact_volume_and_allowed_hosts(sta
     assert any(v["type"] == "volume" and v["target"] == "/mlartifacts" for v in mlflow["volumes"])
 
 
-def test_workspaces_and_model_cache_are_named_volumes_shared_by_the_workers(stack):
-    assert {"workspaces", "models"} <= set(stack["volumes"])
-    worker = stack["services"]["airflow-worker"]
-    assert {(v["source"], v["target"]) for v in worker["volumes"]} >= {("workspaces", "/opt/loraflow-home"),
-                                                                      ("models", "/opt/loraflow-home/models")}
+def test_workspaces_and_model_cache_are_the_host_folders_the_trainer_containers_mount(stack):
+    for name in (*AIRFLOW_SERVICES, "airflow-init"):
+        svc = stack["services"][name]
+        mounts = {(v["type"], v["source"], v["target"]) for v in svc["volumes"]}
+        assert mounts >= {("bind", "/srv/loraflow", "/opt/loraflow-home"), ("bind", "/srv/loraflow/models", "/opt/loraflow-home/models")}
+        # The paths the workers hand to the engine are the ones mounted here.
+        assert svc["environment"]["LORAFLOW_HOST_HOME"] == "/srv/loraflow"
+        assert svc["environment"]["LORAFLOW_HOST_MODELS"] == "/srv/loraflow/models"
+
+
+def test_the_model_cache_follows_the_host_home_unless_set_apart():
+    moved = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", LORAFLOW_HOST_HOME="/data/lf").stdout)
+    worker = moved["services"]["airflow-worker"]
+    assert worker["environment"]["LORAFLOW_HOST_MODELS"] == "/data/lf/models"
+    assert {v["source"] for v in worker["volumes"]} == {"/data/lf", "/data/lf/models"}
+    apart = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", LORAFLOW_HOST_HOME="/data/lf",
+                                      LORAFLOW_HOST_MODELS="/big/models").stdout)
+    worker = apart["services"]["airflow-worker"]
+    assert worker["environment"]["LORAFLOW_HOST_MODELS"] == "/big/models"
+    assert {v["source"] for v in worker["volumes"]} == {"/data/lf", "/big/models"}
+
+
+def test_airflow_init_owns_the_host_folders_before_airflow_runs_as_its_user(stack):
+    init = stack["services"]["airflow-init"]
+    assert init["user"] == "0:0"
+    script = " ".join(init["command"])
+    assert "chown 1000:0 /opt/loraflow-home" in script and "/opt/loraflow-home/models" in script
+    assert script.index("chown") < script.index("setpriv --reuid=1000") < script.index("airflow db migrate")
+    assert all(stack["services"][n]["user"] == "1000:0" for n in AIRFLOW_SERVICES)
+
+
+def test_metadata_and_artifacts_live_on_named_volumes_that_down_keeps(stack):
+    assert {"postgres-data", "mlflow-artifacts"} <= set(stack["volumes"])
+    pg = {(v["type"], v["source"], v["target"]) for v in stack["services"]["postgres"]["volumes"]}
+    assert ("volume", "postgres-data", "/var/lib/postgresql/data") in pg
+    ml = {(v["type"], v["source"], v["target"]) for v in stack["services"]["mlflow"]["volumes"]}
+    assert ("volume", "mlflow-artifacts", "/mlartifacts") in ml
+
+
+def test_the_admin_password_is_a_secret_the_operator_sets(stack):
+    for name in AIRFLOW_SERVICES:
+        assert [s["source"] for s in stack["services"][name]["secrets"]] == ["airflow_admin_password"]
+        assert "AIRFLOW_ADMIN_PASSWORD" not in stack["services"][name]["environment"]
+    assert stack["secrets"]["airflow_admin_password"]["environment"] == "AIRFLOW_ADMIN_PASSWORD"
+    proc = compose_config(AIRFLOW_JWT_SECRET="x")
+    assert proc.returncode != 0 and "AIRFLOW_ADMIN_PASSWORD" in proc.stderr
+
+
+def test_local_builds_take_the_base_image_and_offline_args(stack):
+    for name in ("airflow-init", "mlflow"):
+        args = stack["services"][name]["build"]["args"]
+        assert args["BASE_IMAGE"] == "python:3.11-slim-bookworm" and args["OFFLINE"] == "0"
+    local = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y",
+                                      LORAFLOW_STACK_BASE_IMAGE="loraflow-base:bookworm", LORAFLOW_OFFLINE="1").stdout)
+    for name in ("airflow-init", "mlflow"):
+        assert local["services"][name]["build"]["args"] == {**local["services"][name]["build"]["args"],
+                                                            "BASE_IMAGE": "loraflow-base:bookworm", "OFFLINE": "1"}
 
 
 def test_every_image_is_overridable_from_the_environment():
@@ -99,13 +151,13 @@ def test_every_image_is_overridable_from_the_environment():
         "LORAFLOW_REDIS_IMAGE": "local/redis:t", "LORAFLOW_MLFLOW_IMAGE": "local/mlflow:t",
         "LORAFLOW_IMAGE": "local/trainer:t", "LORAFLOW_SOCKET_PROXY_IMAGE": "local/proxy:t",
     }
-    proc = compose_config(AIRFLOW_JWT_SECRET="x", **overrides)
+    proc = compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", **overrides)
     assert proc.returncode == 0, proc.stderr
     images = {svc["image"] for svc in json.loads(proc.stdout)["services"].values()}
     assert images == set(overrides.values())
 
 
 def test_missing_jwt_secret_is_refused_with_the_fix():
-    proc = compose_config()
+    proc = compose_config(AIRFLOW_ADMIN_PASSWORD="y")
     assert proc.returncode != 0
     assert "AIRFLOW_JWT_SECRET" in proc.stderr and "openssl rand" in proc.stderr

@@ -1,0 +1,118 @@
+"""The production stack end to end: compose up on local images, runs through the REST API and Celery.
+
+In file order (one stack for the module): the DAG imports; a run with the form's defaults
+and one with runtime=docker both train in a trainer container that a Celery worker started
+through the socket proxy, and register in MLflow on Postgres; what `down` (without -v)
+keeps; two workers, two runs at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import docker
+import pytest
+
+from loraflow import registry
+
+MODEL = "loraflow-model"  # the form's default registered_model_name
+LINEAGE = (registry.RUN_KEY, registry.DAG_ID, registry.RUN_ID, registry.FINGERPRINT, registry.BASE_MODEL,
+           registry.IMAGE, registry.IMAGE_DIGEST, registry.RUNTIME)
+
+
+def _versions_of(stack, run_id: str) -> list[dict]:
+    return [v for v in stack.versions(MODEL) if _tags(v).get(registry.RUN_ID) == run_id]
+
+
+def _tags(version: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in version.get("tags", [])}
+
+
+def _no_trainer_container_left(run_id: str) -> None:
+    client = docker.from_env()
+    try:
+        left = client.containers.list(all=True, filters={"label": f"loraflow.run_id={run_id}"})
+    finally:
+        client.close()
+    assert not left, f"trainer containers of {run_id} left behind: {[c.name for c in left]}"
+
+
+def test_the_dag_imports_in_the_stack_without_errors(stack):
+    assert stack.api("GET", "/importErrors")["total_entries"] == 0
+    dag = stack.api("GET", "/dags/loraflow_finetune")
+    assert dag["is_paused"] is False
+    assert dag["has_import_errors"] is False
+
+
+def test_form_default_and_docker_runs_train_through_celery_and_the_socket_proxy_and_register(stack):
+    start = time.monotonic()
+    runs = [stack.trigger({}), stack.trigger({"runtime": "docker"})]
+    states = stack.wait_runs(runs)
+    stack.timings["two_runs_one_worker_s"] = round(time.monotonic() - start, 1)
+    assert states == {r: "success" for r in runs}, states
+
+    workers = {c[:12] for c in stack.containers("airflow-worker")}
+    for run_id in runs:
+        tis = stack.task_instances(run_id)
+        train = tis["train"]
+        assert train["state"] == "success"
+        # The Celery worker ran it (its hostname is the worker container's id).
+        assert train["hostname"][:12] in workers, (train["hostname"], workers)
+        log = stack.task_log(run_id, "train", train["try_number"])
+        assert "403" not in log and "Forbidden" not in log
+        assert "loss" in log, log[-2000:]
+        versions = _versions_of(stack, run_id)
+        assert len(versions) == 1, versions
+        tags = _tags(versions[0])
+        assert {k for k in LINEAGE if tags.get(k)} == set(LINEAGE), tags
+        assert tags[registry.RUNTIME] == "docker" and tags[registry.DAG_ID] == "loraflow_finetune"
+        assert tags[registry.IMAGE_DIGEST].startswith("sha256:")
+        _no_trainer_container_left(run_id)
+
+    aliases = stack.aliases(MODEL)
+    assert "challenger" in aliases and "champion" in aliases
+    assert aliases["challenger"] == max(v["version"] for r in runs for v in _versions_of(stack, r))
+
+    # The proxy passed the trainer's calls and refused none of them.
+    proxy = stack.logs("docker-socket-proxy")
+    assert "/containers/create" in proxy and "/wait" in proxy, proxy[-2000:]
+    assert " 403 " not in proxy, [line for line in proxy.splitlines() if " 403 " in line][:5]
+    # MLflow's store is the Postgres database (the version rows are there).
+    count = stack.compose("exec", "-T", "postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc",
+                          "SELECT count(*) FROM model_versions").stdout.strip()
+    assert int(count) == len(stack.versions(MODEL))
+
+
+def test_down_without_volumes_keeps_versions_artifacts_and_the_admin_password(stack):
+    before = {v["version"]: v["run_id"] for v in stack.versions(MODEL)}
+    assert before, "the previous test registered nothing"
+    aliases = stack.aliases(MODEL)
+    stack.compose("down")  # containers go; named volumes and host folders stay
+    stack.timings["up_again_s"] = round(stack.up(), 1)
+    # Every container was re-created: the same password still signs in (stack.token()).
+    assert stack.api("GET", "/dags/loraflow_finetune")["is_paused"] is False
+    assert {v["version"]: v["run_id"] for v in stack.versions(MODEL)} == before
+    assert stack.aliases(MODEL) == aliases
+    champion = aliases["champion"]
+    version = stack.mlflow_api("GET", "model-versions/get", {"name": MODEL, "version": champion})["model_version"]
+    files = stack.mlflow_api("GET", "artifacts/list", {"run_id": version["run_id"], "path": "model"})
+    names = {f["path"].rsplit("/", 1)[-1] for f in files.get("files", [])}
+    assert "MLmodel" in names, names
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_two_workers_two_runs_at_once_queue_on_the_gpu_pool_and_both_register(stack, workers):
+    start = time.monotonic()
+    stack.timings["scale_up_s"] = round(stack.up("--scale", f"airflow-worker={workers}", "--no-recreate"), 1)
+    assert len(stack.containers("airflow-worker")) == workers
+    runs = [stack.trigger({"runtime": "docker"}) for _ in range(2)]
+    states = stack.wait_runs(runs)
+    stack.timings["two_runs_two_workers_s"] = round(time.monotonic() - start, 1)
+    assert states == {r: "success" for r in runs}, states
+    trains = [stack.task_instances(r)["train"] for r in runs]
+    # One GPU slot: the second train started after the first ended, whichever worker ran it.
+    first, second = sorted(trains, key=lambda ti: ti["start_date"])
+    assert second["start_date"] >= first["end_date"], (first, second)
+    for run_id in runs:
+        assert len(_versions_of(stack, run_id)) == 1
+        _no_trainer_container_left(run_id)
