@@ -13,9 +13,12 @@ from typing import Any
 from airflow.sdk import Param
 from loraflow_trainer import spec
 
+from loraflow import config
+
 # name -> (section, title, description); defaults come from the job spec unless given.
+# The allowed range of a number is added to its description from the job spec's schema.
 _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
-    "base_model": ("Model", "Base model", "A model directory under the model cache (LORAFLOW_MODELS), or a hub id such as org/name."),
+    "base_model": ("Model", "Base model", "A model directory under the model cache (LORAFLOW_MODELS), e.g. tiny-llama, or a hub id such as org/name."),
     "quantization": ("Model", "Quantization", "none trains LoRA on full-precision weights; 4bit is QLoRA (NF4); 8bit is LLM.int8."),
     "rope_scaling_factor": ("Model", "RoPE scaling factor", "Linear RoPE scaling to extend the context; empty keeps the model's own."),
     "data_format": ("Data", "Data format", "text (a text column), prompt_completion (prompt + completion) or chat (a messages column)."),
@@ -30,7 +33,7 @@ _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
     "gradient_accumulation_steps": ("Training", "Gradient accumulation", "Steps to accumulate before an optimizer step."),
     "max_seq_length": ("Training", "Max sequence length", "Tokens per example; the data check fails rows longer than this."),
     "warmup_steps": ("Training", "Warm-up steps", "Linear warm-up steps."),
-    "lr_scheduler_type": ("Training", "LR scheduler", "Learning-rate schedule."),
+    "lr_scheduler_type": ("Training", "LR scheduler", "Learning-rate schedule after the warm-up."),
     "packing": ("Training", "Packing", "Pack examples into one row without cross-example attention (faster on short examples)."),
     "loss_on": ("Training", "Loss on", "completion: learn only completions / assistant turns; all: every token."),
     "seed": ("Training", "Seed", "Random seed for initialisation and data order."),
@@ -38,6 +41,19 @@ _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
     "dp_target_epsilon": ("Privacy", "Target epsilon", "Privacy budget to reach at the end of training (lower is more private)."),
     "dp_max_grad_norm": ("Privacy", "Per-sample clip norm", "DP-SGD clips each example's gradient to this norm."),
     "num_sample_generations": ("Evaluation", "Sample generations", "Prompts to generate from before and after training (samples.jsonl)."),
+}
+
+# The order a person fills the form in; Airflow shows sections in the order of their first param.
+SECTIONS = ("Data", "Model", "LoRA", "Training", "Privacy", "Evaluation", "Registry", "Runtime")
+
+# What a dropdown shows for each value (Airflow's ``values_display``; "null" is the empty choice).
+_LABELS: dict[str, dict[str, str]] = {
+    "quantization": {"none": "none (LoRA on full-precision weights)", "4bit": "4bit (QLoRA, NF4)", "8bit": "8bit (LLM.int8)"},
+    "data_format": {"text": "text (a text column)", "prompt_completion": "prompt_completion (prompt + completion columns)",
+                    "chat": "chat (a messages column)"},
+    "loss_on": {"completion": "completion (only completions / assistant turns)", "all": "all (every token)"},
+    "promotion_metric": {"eval_loss": "eval_loss (held-out loss)", "perplexity": "perplexity (held-out)",
+                         "train_loss": "train_loss (mean over training)", "final_train_loss": "final_train_loss (last logged step)"},
 }
 
 GPUS_PATTERN = r"^(auto|all|none|\d{1,3}(,\d{1,3}){0,63})$"
@@ -77,7 +93,8 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
     "runtime": {
         "default": None, "type": ["null", "string"], "enum": [None, "local", "docker"],
         "section": "Runtime", "title": "Runtime",
-        "description": "docker runs the trainer image (DockerOperator); local runs the same CLI as a subprocess. Empty uses LORAFLOW_RUNTIME.",
+        "description": "docker runs the trainer image (DockerOperator); local runs the same CLI as a subprocess on the worker. "
+                       "The default follows the deployment's LORAFLOW_RUNTIME.",
     },
     "gpus": {
         "default": "auto", "type": "string", "pattern": GPUS_PATTERN,
@@ -85,11 +102,12 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
         "description": "auto takes one free GPU of the worker (CPU where it has none); all, none (CPU), or device ids such as 0,1. A run waits while another holds its GPUs.",
     },
     "memory_limit": {
-        "default": "", "type": "string", "pattern": MEMORY_PATTERN,
-        "section": "Runtime", "title": "Container memory limit", "description": "e.g. 32g; empty means no limit (docker runtime).",
+        "default": None, "type": ["null", "string"], "pattern": MEMORY_PATTERN,
+        "section": "Runtime", "title": "Container memory limit",
+        "description": "A size with a k, m or g suffix, e.g. 32g; empty means no limit (docker runtime).",
     },
     "shm_size": {
-        "default": "1g", "type": "string", "pattern": MEMORY_PATTERN,
+        "default": "1g", "type": ["null", "string"], "pattern": MEMORY_PATTERN,
         "section": "Runtime", "title": "Container shared memory (/dev/shm)",
         "description": "e.g. 2g; dataloader workers and NCCL use it. Empty keeps Docker's 64m (docker runtime).",
     },
@@ -141,20 +159,59 @@ def _default(name: str) -> Any:
 
 
 def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
-    """The DAG's params. ``defaults`` overrides default values (e.g. the demo's base model)."""
+    """The DAG's params, section by section. ``defaults`` overrides default values (e.g. the demo's base model)."""
     defaults = {**FORM_DEFAULTS, **(defaults or {})}
-    params: dict[str, Param] = {}
+    schemas: dict[str, dict[str, Any]] = {}
     for name, schema in _PIPELINE_PARAMS.items():
-        schema = dict(schema)
-        default = defaults.get(name, schema.pop("default"))
-        params[name] = Param(default, **schema)
+        schemas[name] = dict(schema)
     for name, (section, title, description) in _SPEC_PARAMS.items():
         schema = dict(_field_schemas()[name])
-        default = defaults.get(name, _default(name))
         if name == "base_model":
             schema = {"type": "string", "minLength": 1, "maxLength": 4096}
-        params[name] = Param(default, title=title, description=description, section=section, **schema)
+        schemas[name] = {"default": _default(name), "title": title, "description": description, "section": section, **schema}
+    params: dict[str, Param] = {}
+    for name in sorted(schemas, key=lambda n: SECTIONS.index(schemas[n]["section"])):  # stable: keeps the order within a section
+        schema = schemas[name]
+        default = defaults.get(name, schema.pop("default"))
+        params[name] = Param(default, **_form_schema(name, schema))
     return params
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _form_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A param's schema as the form should see it: ranges stated, dropdown labels, bounds it refuses.
+
+    Airflow's number input clamps a typed value to ``minimum``/``maximum`` on blur, so 5000
+    would silently become 1024. The bounds go under ``allOf`` instead: the form leaves the
+    value as typed and Airflow refuses the trigger, naming the param and the range.
+    """
+    schema = dict(schema)
+    bounds = {k: schema.pop(k) for k in _BOUNDS if k in schema}
+    if bounds:
+        schema["allOf"] = [bounds]
+        schema["description"] = f"{schema['description'].rstrip('.')}. Allowed: {_range_text(bounds)}."
+    labels = dict(_LABELS.get(name, {}))
+    if name == "runtime":
+        labels = {"null": f"deployment default ({config.default_runtime()})", "local": "local (subprocess on the worker)",
+                  "docker": "docker (trainer image)"}
+    if labels and "enum" in schema:
+        schema["values_display"] = labels
+    return schema
+
+
+def _range_text(bounds: dict[str, Any]) -> str:
+    def num(v: float) -> str:
+        return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1000 else (str(int(v)) if float(v).is_integer() else f"{v:g}")
+
+    lo = (f"at least {num(bounds['minimum'])}" if "minimum" in bounds else
+          f"more than {num(bounds['exclusiveMinimum'])}" if "exclusiveMinimum" in bounds else None)
+    hi = (f"at most {num(bounds['maximum'])}" if "maximum" in bounds else
+          f"less than {num(bounds['exclusiveMaximum'])}" if "exclusiveMaximum" in bounds else None)
+    if "minimum" in bounds and "maximum" in bounds:
+        return f"{num(bounds['minimum'])} to {num(bounds['maximum'])}"
+    return ", ".join(x for x in (lo, hi) if x)
 
 
 def split(conf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

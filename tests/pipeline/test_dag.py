@@ -184,7 +184,16 @@ def test_trigger_form_has_typed_sectioned_params_named_like_the_job_spec(dag):
         p = form[name]
         assert p.schema.get("type") and p.schema.get("title") and p.description and p.schema.get("section"), name
     assert set(form["quantization"].schema["enum"]) >= {"none", "4bit", "8bit"}
-    assert form["lora_r"].schema["minimum"] >= 1
+    assert form["lora_r"].schema["allOf"][0]["minimum"] >= 1  # under allOf: the form must not clamp a typed value
+    assert "1 to 1,024" in form["lora_r"].description  # the range is stated where the person types
+    sections = [form[name].schema["section"] for name in dag.params]
+    assert list(dict.fromkeys(sections)) == ["Data", "Model", "LoRA", "Training", "Privacy", "Evaluation", "Registry", "Runtime"]
+    # Every default is valid as the form opens: nothing required is empty, dropdowns name their default.
+    for name in dag.params:
+        p = form[name]
+        assert p.value is not None or "null" in p.schema["type"], name
+        assert p.value != "" or p.schema.get("minLength", 0) == 0, name
+    assert form["runtime"].schema["values_display"]["null"].startswith("deployment default")
 
 
 def test_dagbag_imports_cleanly_without_the_training_stack():
