@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, task
 
-from loraflow import gpus, params, schedule, tasks
+from loraflow import docs, gpus, params, schedule, tasks
 from loraflow.links import MlflowRunLink
 from loraflow.operators import LoraflowTrainOperator
 
@@ -23,7 +23,7 @@ with DAG(
     max_active_runs=int(os.environ.get("LORAFLOW_MAX_ACTIVE_RUNS", "4")),
     default_args={"retries": 0, "execution_timeout": timedelta(hours=1)},
     tags=["loraflow", "llm", "lora"],
-    doc_md=__doc__,
+    doc_md=docs.FINETUNE_DOC_MD,  # for the people who trigger it; the module docstring is for developers
 ) as dag:
 
     @task(task_id="prepare")
