@@ -1,6 +1,7 @@
 """loraflow-train's exit codes: each user mistake exits with its documented code and a one-line cause."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_bad_dataset_exits_bad_data_before_loading_the_model(make_job, content, 
     (job_path.parent / "train.jsonl").write_text(content)
     proc = _run("--job", str(job_path))
     assert proc.returncode == errors.EXIT_BAD_DATA and expected in _cause(proc)
-    assert '"event": "info"' not in proc.stdout  # the backend (torch, the model) never started
+    assert "HuggingFaceBackend" not in proc.stdout  # the backend (torch, the model) never started
 
 
 def test_missing_model_exits_model_not_found(make_job, tmp_path):
@@ -65,13 +66,32 @@ def test_missing_model_exits_model_not_found(make_job, tmp_path):
     assert proc.returncode == errors.EXIT_MODEL_NOT_FOUND and "base model" in _cause(proc)
 
 
-def test_progress_is_one_json_line_per_event(make_job):
-    job_path, _ = make_job(training={"max_steps": 2}, evaluation={"num_sample_generations": 0})
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\)  loss (\d+\.\d{4})  lr \d\.\de-\d+  [\d,]+ tok/s  eta \d+(m\d\ds)?s?$")
+
+
+def _events(job_path, kind: str | None = None) -> list[dict]:
+    lines = (job_path.parent / "output" / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
+
+
+def test_progress_is_a_readable_line_per_step_and_the_json_events_go_to_a_file(make_job):
+    job_path, _ = make_job(training={"max_steps": 3}, evaluation={"num_sample_generations": 0})
     proc = _run("--job", str(job_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "\r" not in proc.stdout
-    events = [json.loads(line)["event"] for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert events.count("log") >= 2 and events[-1] == "saved"
+    assert "\r" not in proc.stdout and not [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    steps = [STEP_LINE.match(line) for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [m and (int(m[1]), int(m[2])) for m in steps] == [(1, 3), (2, 3), (3, 3)], proc.stdout
+    assert steps[-1][3] == "100"
+    # The same steps, with the full-precision numbers, for tools.
+    logged = [e for e in _events(job_path, "log") if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    assert [f"{e['loss']:.4f}" for e in logged] == [m[4] for m in steps]
+    assert all(e["tokens_per_second"] > 0 and e["time"] > 0 for e in logged)
+    assert _events(job_path)[0]["event"] == "info" and _events(job_path)[-1]["event"] == "saved"
+    # No library notices a user cannot act on (the optional CPU kernel, deprecations, MLflow's saving chatter).
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if "gemm_4bit" in line or "FutureWarning" in line or "INFO mlflow" in line]
+    assert not noise, noise
 
 
 def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
@@ -81,14 +101,15 @@ def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
         proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
                                 stdout=subprocess.PIPE, stderr=err, text=True)
         for line in proc.stdout:  # wait until training is really under way
-            if line.startswith("{") and json.loads(line)["event"] == "log":
+            if line.startswith("step "):
                 break
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
         rest = proc.stdout.read()
         assert proc.wait(timeout=120) == errors.EXIT_INTERRUPTED
         err.seek(0)
         assert "interrupted" in _cause(subprocess.CompletedProcess([], proc.returncode, "", err.read()))
-    assert '"event": "signal"' in rest and not (out / "_SUCCESS").exists()
+    assert "received SIGTERM: saving a checkpoint" in rest and not (out / "_SUCCESS").exists()
+    assert _events(job_path, "signal")
     [checkpoint] = list((out / "checkpoints").glob("checkpoint-*"))
     stopped_at = int(checkpoint.name.split("-")[1])
     assert 1 <= stopped_at < 500
@@ -97,8 +118,10 @@ def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
     retry.write(job_path)
     proc = _run("--job", str(job_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    steps = [e["step"] for e in map(json.loads, filter(lambda s: s.startswith("{"), proc.stdout.splitlines()))
-             if e["event"] == "log" and "loss" in e]
+    assert f"resuming from checkpoint {checkpoint}" in proc.stdout
+    events = _events(job_path)
+    last_attempt = events[max(i for i, e in enumerate(events) if e["event"] == "info"):]  # the file spans both attempts
+    steps = [e["step"] for e in last_attempt if e["event"] == "log" and "loss" in e]
     assert steps == [stopped_at + 1, stopped_at + 2]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == stopped_at + 2
     assert (out / "_SUCCESS").exists()

@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from loraflow_trainer import base_model
 from loraflow_trainer import data as data_mod
+from loraflow_trainer import progress
 from loraflow_trainer.errors import ModelNotFoundError, OutOfMemoryError
 from loraflow_trainer.spec import JobSpec
 
@@ -91,21 +92,39 @@ def compute_metrics(eval_preds) -> dict[str, float]:
 
 
 class LineLogCallback(TrainerCallback):
-    """One JSON line per log event on stdout, flushed: readable through ``docker logs``."""
+    """One progress line per log event (``progress.emit``): step, loss, lr, throughput, time left.
+
+    Throughput is over the window since the previous log line (tokens seen, padding
+    excluded); the estimate of time left is from the mean step time of this attempt.
+    """
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.tokens_at_start = 0
+        self._started = 0.0
+        self._first_step = 0
+        self._last: tuple[float, int] = (0.0, 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume the state already holds the tokens of earlier attempts.
         self.tokens_at_start = int(state.num_input_tokens_seen)
+        self._started, self._first_step = time.perf_counter(), state.global_step
+        self._last = (self._started, self.tokens_at_start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
+        pace: dict[str, float] = {}
         if "loss" in logs:
             self.losses.append(float(logs["loss"]))
-        print(json.dumps({"event": "log", "step": state.global_step, "max_steps": state.max_steps, **logs}), flush=True)
+            now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)
+            if now > self._last[0] and tokens > self._last[1]:
+                pace["tokens_per_second"] = (tokens - self._last[1]) / (now - self._last[0])
+            self._last = (now, tokens)
+            done = state.global_step - self._first_step
+            if done > 0 and state.max_steps > 0:
+                pace["eta_seconds"] = (now - self._started) / done * max(state.max_steps - state.global_step, 0)
+        if state.is_world_process_zero:
+            progress.emit("log", step=state.global_step, max_steps=state.max_steps, **logs, **pace)
 
 
 class StopOnSignalCallback(TrainerCallback):
@@ -122,7 +141,7 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
-        print(json.dumps({"event": "signal", "signal": signal.Signals(signum).name, "action": "checkpoint and stop"}), flush=True)
+        progress.emit("signal", signal=signal.Signals(signum).name, action="checkpoint and stop")
         self.signalled = signum
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -177,9 +196,13 @@ class TrainingBackend(abc.ABC):
     @abc.abstractmethod
     def teardown(self) -> None: ...
 
+    def describe(self) -> dict[str, Any]:
+        return {"backend": type(self).__name__, "job_dir": str(self.job_dir), "output_dir": str(self.output_dir)}
+
     def info(self) -> dict[str, Any]:
-        summary = {"backend": type(self).__name__, "job_dir": str(self.job_dir), "output_dir": str(self.output_dir)}
-        print(json.dumps({"event": "info", **summary}), flush=True)
+        """Report what this run is (the first event of each attempt) and return it."""
+        summary = self.describe()
+        progress.emit("info", **summary)
         return summary
 
 
@@ -310,10 +333,8 @@ class HuggingFaceBackend(TrainingBackend):
         self.sample_prompts = data_mod.prompts_for_samples(
             self.job, prompt_source, self.tokenizer, self.job.evaluation.num_sample_generations
         )
-        print(json.dumps({
-            "event": "data", "train_examples": len(self.train_dataset), "train_tokens": self.train_dataset.num_tokens(),
-            "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
-        }), flush=True)
+        progress.emit("data", train_examples=len(self.train_dataset), train_tokens=self.train_dataset.num_tokens(),
+                      eval_examples=len(self.eval_dataset) if self.eval_dataset else 0)
 
     def training_arguments(self, **overrides) -> TrainingArguments:
         t, e = self.job.training, self.job.evaluation
@@ -397,7 +418,7 @@ class HuggingFaceBackend(TrainingBackend):
         self.results.update(self.evaluate())
         if self.job.privacy.dp_enabled:
             self.results.update(self.trainer.privacy_report())
-        print(json.dumps({"event": "metrics", **self.results}), flush=True)
+        progress.emit("metrics", **self.results)
         self.save_model()
         return self.results
 
@@ -409,11 +430,11 @@ class HuggingFaceBackend(TrainingBackend):
         complete = [p for p in self.checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
         partial = sorted(p.name for p in self.checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p not in complete)
         if partial:
-            print(json.dumps({"event": "skip_incomplete_checkpoints", "checkpoints": partial}), flush=True)
+            progress.emit("skip_incomplete_checkpoints", checkpoints=partial)
         if not complete:
             return None
         newest = str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1])))
-        print(json.dumps({"event": "resume", "checkpoint": newest}), flush=True)
+        progress.emit("resume", checkpoint=newest)
         return newest
 
     def fit(self, resume_from: str | None = None):
@@ -507,7 +528,7 @@ class HuggingFaceBackend(TrainingBackend):
         marker = out / f"{SUCCESS_MARKER}.tmp"
         marker.write_text(json.dumps({"completed_at": time.time()}))
         marker.replace(out / SUCCESS_MARKER)
-        print(json.dumps({"event": "saved", "output_dir": str(out)}), flush=True)
+        progress.emit("saved", output_dir=str(out))
         return out
 
     def teardown(self) -> None:
@@ -529,8 +550,8 @@ class HuggingFaceBackend(TrainingBackend):
             torch.distributed.destroy_process_group()
         self._torn_down = True
 
-    def info(self) -> dict[str, Any]:
-        summary = super().info()
+    def describe(self) -> dict[str, Any]:
+        summary = super().describe()
         summary.update({
             "device": self.device,
             "base_model": self.job.model.base_model,

@@ -1,6 +1,7 @@
 """``loraflow-train``: run one job spec, or build the tiny model.
 
-Progress goes to stdout one line per event (read through ``docker logs``); the exit code
+Progress goes to stdout as one readable line per event (read through ``docker logs``), and
+as JSON to ``output/events.jsonl`` (see ``progress``); the exit code
 says what went wrong (see ``errors``), with a one-line cause on stderr. Heavy imports
 happen after the spec is validated, so a bad spec fails in well under a second.
 """
@@ -15,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from loraflow_trainer import errors, spec
+from loraflow_trainer import errors, progress, spec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fail(exc: BaseException, code: int) -> int:
     print(f"loraflow-train: error: {exc}", file=sys.stderr, flush=True)
-    print(json.dumps({"event": "failed", "exit_code": code, "error": str(exc)}), flush=True)
+    progress.emit("failed", exit_code=code, error=str(exc))
     return code
 
 
@@ -63,9 +64,10 @@ def run_job(job_path: Path) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
-    # Silence library progress bars: they write carriage returns, unreadable in docker logs.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # People read the task log: library progress bars (carriage returns) and notices they
+    # cannot act on stay out of it; the JSON events go to output/events.jsonl.
+    progress.quiet_libraries()
+    progress.open_events(job.resolve(job.output_dir, job_dir))
     from loraflow_trainer.data import preflight
 
     preflight(job, job_dir)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             from loraflow_trainer.tiny import build_tiny_model, corpus_texts
 
             out = build_tiny_model(args.out, corpus_texts(args.data), vocab_size=args.vocab_size, seed=args.seed)
-            print(json.dumps({"event": "tiny_model", "path": str(out)}), flush=True)
+            progress.emit("tiny_model", path=str(out))
             return errors.EXIT_OK
         if args.job is None:
             raise errors.JobSpecError("no job given; pass --job path/to/job.json")
