@@ -44,7 +44,9 @@ class RuleResult:
 
 def _schema(data_format: str) -> pandera.DataFrameSchema:
     not_blank = pandera.Check(lambda s: s.astype(str).str.strip().str.len() > 0, name="not_blank")
-    cols = {c: pandera.Column(object if data_format == "chat" else str, nullable=False,
+    # messages may be a list of objects (JSONL, Parquet list) or its JSON text (CSV, a Parquet
+    # string column): no dtype here, the messages rule reads every cell either way.
+    cols = {c: pandera.Column(None if data_format == "chat" else str, nullable=False,
                          checks=None if data_format == "chat" else [not_blank])
             for c in dataset.FORMAT_COLUMNS[data_format]}
     return pandera.DataFrameSchema(cols, strict=True, coerce=False)
@@ -92,7 +94,13 @@ def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
     except pandera.errors.SchemaErrors as exc:
         fc = exc.failure_cases
     results = []
+    typed = False
     for check, group in fc.groupby(fc["check"].astype(str), sort=False):
+        if check.startswith("dtype"):
+            if not typed:
+                results.extend(_type_rules(df, data_format))
+                typed = True
+            continue
         name = check.split("(")[0].replace("dtype", "dtype")
         if check.startswith("dtype"):
             name = "wrong_type"
@@ -111,6 +119,33 @@ def _pandera_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
             detail = f"{cases}: {detail}"
         results.append(RuleResult(name, False, len(group), idx, detail))
     return results
+
+
+def _type_rules(df: pd.DataFrame, data_format: str) -> list[RuleResult]:
+    """wrong_type per column: which rows hold something other than text, and what they hold."""
+    out = []
+    for col in dataset.FORMAT_COLUMNS[data_format]:
+        if col not in df.columns:
+            continue
+        s = df[col]
+        if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
+            continue
+        if pd.api.types.is_object_dtype(s.dtype):
+            notna = s.notna().to_numpy()
+            is_str = s.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool)
+            bad = notna & ~is_str
+            kinds = sorted({type(v).__name__ for v in s[bad].head(1000).tolist()})
+        else:
+            bad = s.notna().to_numpy()
+            kinds = [str(s.dtype)]
+        if not bad.any():
+            continue
+        rows = df.index[bad].tolist()
+        examples = ", ".join(repr(v)[:40] for v in s[bad].head(3).tolist())
+        out.append(RuleResult("wrong_type", False, len(rows), rows[:MAX_EXAMPLES],
+                              f"column {col!r} holds {'/'.join(kinds)} values, not text (e.g. {examples}); "
+                              "store every value of it as a string (quote numbers and booleans in the file)"))
+    return out
 
 
 _MESSAGES_DETAIL = ("each row needs a JSON list of {role, content} with roles system/user/assistant/tool, "
@@ -307,6 +342,8 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
     df = dataset.read(path)
     report["rows"] = int(len(df))
     report["columns"] = [str(c) for c in df.columns]
+    if len(df) == 0:  # a header, blank lines or nothing: the rules below have no row to judge
+        return [RuleResult("empty_dataset", False, 0, [], f"{path.name} has no data rows; give the run a file with rows in it")]
     results = _pandera_rules(df, data_format)
     structural = {"missing_columns", "extra_columns", "wrong_type"}
     if any(r.rule in structural for r in results):
@@ -347,6 +384,9 @@ def _run_rules(path, data_format, max_seq_length, min_rows, tokenizer_json, eval
 def _eval_rules(train_norm, eval_path: Path, data_format: str) -> list[RuleResult]:
     """The separate eval file: the same schema rules (named eval_*), then leakage from train."""
     ev = dataset.read(eval_path)
+    if len(ev) == 0:  # the trainer refuses an empty eval set
+        return [RuleResult("eval_empty_dataset", False, 0, [], f"{eval_path.name} has no data rows; give eval_dataset_path "
+                           "a file with rows in it, or leave it empty to hold out eval_fraction of the data")]
     schema_rules = _pandera_rules(ev, data_format)
     for r in schema_rules:
         r.rule, r.detail = f"eval_{r.rule}", f"in {eval_path.name}: {r.detail}"

@@ -38,6 +38,15 @@ def default_runtime() -> str:
     return os.environ.get("LORAFLOW_RUNTIME", "local")
 
 
+def trust_remote_code() -> bool:
+    """Whether trainers may run model code shipped with a hub repository (``LORAFLOW_TRUST_REMOTE_CODE``).
+
+    A deployment decision, never a trigger param: with a hub model it runs that repository's
+    Python on the worker. Off unless set to 1/true/yes.
+    """
+    return os.environ.get("LORAFLOW_TRUST_REMOTE_CODE", "").strip().lower() in ("1", "true", "yes")
+
+
 def image() -> str:
     return os.environ.get("LORAFLOW_IMAGE", "loraflow-trainer:0.1.0")
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loraflow import dataset
+from loraflow.errors import DataCheckError
 from loraflow_trainer.spec import JobSpec
 
 
@@ -79,6 +80,7 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
     train_out = _ParquetOut(data_dir / "train.parquet", fmt)
     eval_out = _ParquetOut(data_dir / "eval.parquet", fmt) if job.data.eval_path else None
     n_eval = 0
+    buckets = []
     if eval_source is not None:
         for table, _ in rows.tables(with_norm=False):
             train_out.write(table)
@@ -91,7 +93,9 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
         hexes, extra = np.concatenate([rows.hex_digests(), ev.hex_digests()]), []
     else:
         for table, norm in rows.tables(with_norm=True):
-            is_eval = pa.array(dataset.split_bucket(norm) < eval_fraction)
+            bucket = dataset.split_bucket(norm)
+            buckets.append(bucket)
+            is_eval = pa.array(bucket < eval_fraction)
             train_out.write(table.filter(pc.invert(is_eval)))
             ev_part = table.filter(is_eval)
             n_eval += ev_part.num_rows
@@ -102,6 +106,13 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
     n_train = train_out.close()
     if eval_out is not None:
         eval_out.close()
+    try:
+        _refuse_untrainable_split(job, n_train, n_eval, eval_out is not None, eval_fraction, eval_source, buckets)
+    except DataCheckError:
+        for out in (train_out, eval_out):  # nothing that looks like trainable data is left behind
+            if out is not None:
+                out.path.unlink(missing_ok=True)
+        raise
     fingerprint = _fingerprint(hexes, extra, job.spec_hash())
     schema = dataset_schema(pd.DataFrame(columns=list(train_out.columns)), fmt, source, n_train, n_eval)
     _write_json(workspace / "dataset_schema.json", schema)
@@ -110,6 +121,32 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
     # The trainer records the fingerprint in metadata.json: put it in the spec it reads.
     job.model_copy(update={"data_fingerprint": fingerprint}).write(workspace / "job.json")
     return result
+
+
+def _refuse_untrainable_split(job: JobSpec, n_train: int, n_eval: int, has_eval: bool, eval_fraction: float,
+                              eval_source: Path | None, buckets: list[np.ndarray]) -> None:
+    """Raise DataCheckError for a split the trainer would refuse (exit 3) or could not fill one batch with.
+
+    The split keeps rows that differ only in case and spacing together, so a dataset of such
+    variants lands whole on one side: the message says how many distinct contents it has.
+    """
+    batch = job.training.per_device_train_batch_size
+    rows = n_train + (n_eval if eval_source is None else 0)
+    distinct = int(len(np.unique(np.concatenate(buckets)))) if buckets else None
+    why = (f"; the {rows} row(s) hold only {distinct} distinct content(s) ignoring case and spacing, and such rows "
+           "always land on the same side of the split" if distinct is not None and distinct < rows else "")
+    if n_train == 0:
+        raise DataCheckError(f"rule train_split_empty: no row is left for training after deduplication and the "
+                             f"train/eval split (eval_fraction={eval_fraction}){why}; add distinct rows or lower eval_fraction")
+    if n_train < batch:
+        raise DataCheckError(f"rule train_split_too_small: the train split has {n_train} row(s), fewer than one batch "
+                             f"(per_device_train_batch_size={batch}){why}; add rows, lower per_device_train_batch_size "
+                             "or lower eval_fraction")
+    if has_eval and n_eval == 0:
+        where = (f"the eval file {eval_source.name} has no row left after deduplication" if eval_source is not None
+                 else f"no row fell in the eval split (eval_fraction={eval_fraction}){why}")
+        raise DataCheckError(f"rule eval_split_empty: {where}, and the trainer refuses an empty eval set; "
+                             "add rows, raise eval_fraction, or set eval_fraction to 0 to train without eval loss")
 
 
 def dataset_schema(df: pd.DataFrame, data_format: str, source: Path, train_rows: int, eval_rows: int) -> dict[str, Any]:
