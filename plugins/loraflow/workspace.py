@@ -1,14 +1,19 @@
 """The run workspace and the prepare step: trigger params -> validated job.json.
 
-``<LORAFLOW_HOME>/runs/<dag_id>/<run_id>/`` holds everything one DAG run reads and writes.
-Prepare is the setup of the teardown, so it stays small and safe: validate, confine paths,
-create the directory, write ``job.json`` and ``pipeline.json``.
+``<LORAFLOW_HOME>/runs/<dag_id>/<run_id>-<hash>/`` holds everything one DAG run reads and
+writes: a readable prefix of the ids plus a hash of the full dag and run ids, so two runs
+never share a folder, and ``owner.json`` records the run it belongs to. Prepare is the setup
+of the teardown, so it stays small and safe: validate, confine paths, claim the directory,
+write ``job.json`` and ``pipeline.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,20 +23,55 @@ from loraflow_trainer.errors import JobSpecError
 
 from loraflow import config
 from loraflow.errors import ParamsError
-from loraflow.params import GPUS_PATTERN, MEMORY_PATTERN, MODEL_NAME_PATTERN, split
+from loraflow.params import GPUS_PATTERN, MEMORY_PATTERN, MODEL_NAME_PATTERN, refuse_invalid, refuse_unknown, split
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DATASET_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 
+OWNER = "owner.json"
+
+
 def safe_name(run_id: str) -> str:
-    """A run id as one path component (run ids hold ':' and '+')."""
+    """A run id as one path component (run ids hold ':' and '+'); folds characters, so not unique."""
     name = _UNSAFE.sub("_", run_id).strip("._") or "run"
-    return name[:200]
+    return name[:100]
 
 
 def run_dir(dag_id: str, run_id: str) -> Path:
-    return config.runs_dir() / safe_name(dag_id) / safe_name(run_id)
+    """The workspace of one DAG run: readable, and unique per (dag_id, run_id) whatever they hold.
+
+    ``safe_name`` folds ``a:b`` and ``a_b`` together and cuts long ids, so the folder name
+    carries a hash of the full ids as well.
+    """
+    digest = hashlib.sha256(f"{dag_id}\x00{run_id}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return config.runs_dir() / safe_name(dag_id) / f"{safe_name(run_id)}-{digest}"
+
+
+def claim(ws: Path, dag_id: str, run_id: str) -> None:
+    """Create ``ws`` and mark it as this run's; refuse one that belongs to another run.
+
+    The owner file is created exclusively, so of two runs racing for one folder exactly one
+    wins; a retry of prepare for the same run finds its own mark and goes on.
+    """
+    ws.mkdir(parents=True, exist_ok=True)
+    mine = {"dag_id": dag_id, "run_id": run_id}
+    marker = ws / OWNER
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            owner = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            owner = None
+        if owner != mine:
+            raise ParamsError(
+                f"workspace {ws} belongs to another DAG run ({owner!r}), not {dag_id}/{run_id}; nothing was written "
+                f"there: remove the folder if that run is gone, or trigger with another run id"
+            ) from None
+        return
+    with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
 
 
 @dataclass(frozen=True)
@@ -70,6 +110,11 @@ def confine(path_value: str, roots: list[Path], what: str) -> Path:
     raw = Path(path_value).expanduser()
     candidates = [raw] if raw.is_absolute() else [root / raw for root in roots] + [config.repo_root() / raw]
     for candidate in candidates:
+        try:
+            candidate.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise ParamsError(f"{what} {path_value!r} is a symlink loop ({candidate}); point it at a real file") from None
+    for candidate in candidates:
         resolved = candidate.resolve()
         if any(resolved == root or root in resolved.parents for root in roots):
             if resolved.exists():
@@ -95,8 +140,15 @@ def resolve_base_model(value: str) -> tuple[str, str]:
     return str(resolved), str(resolved)
 
 
-def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pipeline:
-    """Validate the trigger conf into a job spec and write the run workspace."""
+def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_keys=None) -> Pipeline:
+    """Validate the trigger conf into a job spec and write the run workspace.
+
+    ``conf`` is the run's params (the form's defaults merged with the trigger conf);
+    ``raw_keys`` the names the trigger conf itself set, checked too in case a deployment
+    turned off Airflow's merging of the conf into the params.
+    """
+    refuse_unknown([*conf, *(raw_keys or ())])
+    refuse_invalid(conf)
     settings, fields = split(conf)
     runtime = settings.get("runtime") or config.default_runtime()
     if runtime not in ("local", "docker"):
@@ -111,14 +163,10 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     name = str(settings.get("registered_model_name", "loraflow-model"))
     if not re.match(MODEL_NAME_PATTERN, name):
         raise ParamsError(f"registered_model_name {name!r} may hold only letters, digits, '.', '_' and '-'")
-    dataset = confine(str(settings.get("dataset_path", "")), config.data_roots(), "dataset_path")
-    if dataset.suffix not in DATASET_SUFFIXES:
-        raise ParamsError(f"dataset_path {dataset.name!r} is not CSV, JSONL or Parquet; convert it to one of those")
+    dataset = dataset_file(str(settings.get("dataset_path", "")), "dataset_path")
     eval_dataset = None
     if settings.get("eval_dataset_path"):
-        eval_dataset = confine(str(settings["eval_dataset_path"]), config.data_roots(), "eval_dataset_path")
-        if eval_dataset.suffix not in DATASET_SUFFIXES:
-            raise ParamsError(f"eval_dataset_path {eval_dataset.name!r} is not CSV, JSONL or Parquet; convert it to one of those")
+        eval_dataset = dataset_file(str(settings["eval_dataset_path"]), "eval_dataset_path")
     base_host, base_trainer = resolve_base_model(str(fields.pop("base_model", "")))
     if runtime == "docker" and base_host == base_trainer and Path(base_host).is_absolute():
         base_trainer = f"{config.CONTAINER_MODELS}/{Path(base_host).relative_to(config.models_dir())}"
@@ -127,14 +175,15 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     eval_fraction = float(settings.get("eval_fraction", 0.1))
     try:
         job = spec.from_flat(
-            {**fields, "base_model": base_trainer, "train_path": "data/train.parquet",
+            {**fields, "base_model": base_trainer, "trust_remote_code": config.trust_remote_code(),
+             "train_path": "data/train.parquet",
              "eval_path": "data/eval.parquet" if eval_fraction > 0 or eval_dataset else None},
             output_dir="output",
             labels={"dag_id": dag_id, "run_id": run_id},
         )
     except JobSpecError as exc:
         raise ParamsError(str(exc)) from None
-    ws.mkdir(parents=True, exist_ok=True)
+    claim(ws, dag_id, run_id)
     pipeline = Pipeline(
         dag_id=dag_id, run_id=run_id, run_type=run_type, workspace=str(ws), dataset_path=str(dataset),
         eval_fraction=eval_fraction, min_rows=int(settings.get("min_rows", 20)),
@@ -147,6 +196,29 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str) -> Pi
     job.write(ws / "job.json")
     _write_json(ws / "pipeline.json", asdict(pipeline))
     return pipeline
+
+
+def dataset_file(value: str, what: str) -> Path:
+    """A dataset param as a regular CSV/JSONL/Parquet file inside the data roots.
+
+    A named pipe would block the data check until its timeout, a directory or a device
+    fails deep inside a reader: refuse them here. The suffix may be in any case (.JSONL).
+    """
+    path = confine(value, config.data_roots(), what)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ParamsError(f"{what} {value!r} cannot be read ({exc.strerror}); fix the path or the file's permissions") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise ParamsError(f"{what} {value!r} ({path}) is {kind}, not a regular file; give the path of a CSV, JSONL or Parquet file")
+    if path.suffix.lower() not in DATASET_SUFFIXES:
+        raise ParamsError(f"{what} {path.name!r} is not CSV, JSONL or Parquet (.csv, .jsonl, .parquet); convert it to one of those")
+    if not os.access(path, os.R_OK):
+        raise ParamsError(f"{what} {value!r} ({path}) is not readable by the Airflow worker; fix its permissions")
+    return path
 
 
 def load_job(workspace: str | Path) -> spec.JobSpec:
