@@ -37,9 +37,11 @@ _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
     "packing": ("Training", "Packing", "Pack examples into one row without cross-example attention (faster on short examples)."),
     "loss_on": ("Training", "Loss on", "completion: learn only completions / assistant turns; all: every token."),
     "seed": ("Training", "Seed", "Random seed for initialisation and data order."),
+    "save_steps": ("Training", "Checkpoint every", "Save a checkpoint every N optimizer steps (a retry resumes from the last one)."),
     "dp_enabled": ("Privacy", "Differential privacy", "Train with DP-SGD (Opacus); epsilon is reported in the metrics."),
     "dp_target_epsilon": ("Privacy", "Target epsilon", "Privacy budget to reach at the end of training (lower is more private)."),
     "dp_max_grad_norm": ("Privacy", "Per-sample clip norm", "DP-SGD clips each example's gradient to this norm."),
+    "eval_steps": ("Evaluation", "Eval every", "Compute eval loss every N steps; empty evaluates at the end only."),
     "num_sample_generations": ("Evaluation", "Sample generations", "Prompts to generate from before and after training (samples.jsonl)."),
 }
 
@@ -214,8 +216,67 @@ def _range_text(bounds: dict[str, Any]) -> str:
     return ", ".join(x for x in (lo, hi) if x)
 
 
+def form_names() -> frozenset[str]:
+    """The names a trigger conf may set: exactly the form's params (``build_params``' keys)."""
+    return PIPELINE_PARAM_NAMES | frozenset(_SPEC_PARAMS)
+
+
+# Why a known name is still not a trigger setting (the rest of the job spec is the pipeline's).
+_NOT_A_SETTING = {
+    "trust_remote_code": "a deployment setting (LORAFLOW_TRUST_REMOTE_CODE on the workers), never a trigger param",
+    "train_path": "written by the pipeline; set dataset_path", "eval_path": "written by the pipeline; set eval_dataset_path",
+}
+
+
+def refuse_unknown(names) -> None:
+    """Raise ParamsError naming every name that is not a form param (one message for all of them)."""
+    from loraflow.errors import ParamsError
+
+    bad = sorted({str(n) for n in names} - form_names())
+    if not bad:
+        return
+    shown = [repr(n if len(n) <= 60 else n[:57] + "...") for n in bad[:25]]
+    more = f" and {len(bad) - 25} more" if len(bad) > 25 else ""
+    why = "; ".join(f"{n} is {_NOT_A_SETTING[n]}" for n in bad if n in _NOT_A_SETTING)
+    raise ParamsError(
+        f"the trigger conf sets {len(bad)} name(s) that are not trigger params: {', '.join(shown)}{more}"
+        f"{' (' + why + ')' if why else ''}; a conf may set only the trigger form's params, listed in the form "
+        "and in the README's params table"
+    )
+
+
+def refuse_invalid(conf: dict[str, Any]) -> None:
+    """Raise ParamsError naming every value outside its param's schema (type, range, enum, pattern).
+
+    The form and the REST trigger validate too; this is for a conf that skipped them
+    (``airflow dags test``, a run inserted into the DB), so the same rules hold everywhere.
+    """
+    import jsonschema
+
+    from loraflow.errors import ParamsError
+
+    form = build_params()
+    bad = []
+    for name, value in conf.items():
+        if name not in form:
+            continue
+        try:
+            jsonschema.validate(value, form[name].schema)
+        except jsonschema.ValidationError as exc:
+            bad.append(f"{name}={_short(value)} ({exc.message[:120]})")
+    if bad:
+        raise ParamsError(f"invalid trigger param(s): {'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
+                          "the trigger form shows each param's type and allowed values")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def split(conf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Trigger conf -> (pipeline settings, job spec fields). Unknown names are an error."""
+    """Trigger conf -> (pipeline settings, job spec fields). A name that is not a form param is an error."""
+    refuse_unknown(conf)
     pipeline = {k: v for k, v in conf.items() if k in PIPELINE_PARAM_NAMES}
     job = {k: v for k, v in conf.items() if k not in PIPELINE_PARAM_NAMES}
     return pipeline, job
