@@ -48,6 +48,10 @@ with DAG(
     def register(ws: str, train_result: dict | None, **context) -> dict:
         return tasks.register(ws, train_result, context)
 
+    @task(task_id="outcome", trigger_rule="all_done")
+    def outcome(**context) -> dict:
+        return tasks.outcome(context)
+
     @task(task_id="teardown", retries=3, retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0)
     def teardown(ws: str, **context) -> dict:
         return tasks.teardown(ws, context)
@@ -65,4 +69,6 @@ with DAG(
     registered = register(ws, train.output)
     registered.operator.operator_extra_links = (MlflowRunLink(),)
     checked >> prepped >> gate >> train
-    registered >> teardown(ws).as_teardown(setups=ws)
+    cleanup = teardown(ws).as_teardown(setups=ws)
+    registered >> cleanup
+    cleanup >> outcome()  # the run's state: failed if any task it needed failed (Airflow reads only leaves)

@@ -43,7 +43,10 @@ def prepare(context) -> str:
     """Validate the trigger params into job.json in a fresh run workspace; return its path."""
     dag_run = context["dag_run"]
     try:
-        pipeline = workspace.prepare(dict(context["params"]), dag_run.dag_id, dag_run.run_id, _run_type(context))
+        # Airflow merges the trigger conf into the params (unknown names included); the raw conf's
+        # names are checked too, so a conf key can never slip past the form's list.
+        pipeline = workspace.prepare(dict(context["params"]), dag_run.dag_id, dag_run.run_id, _run_type(context),
+                                     raw_keys=list(getattr(dag_run, "conf", None) or {}))
     except LoraflowError as exc:
         _fail(exc)
     return pipeline.workspace
@@ -73,7 +76,10 @@ def preprocess(ws: str) -> dict[str, Any]:
 
     pipeline = Pipeline.load(ws)
     eval_source = Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None
-    result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source)
+    try:
+        result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source)
+    except LoraflowError as exc:  # a split the trainer would refuse: fail here, before any GPU time
+        _fail(exc)
     return result.__dict__
 
 
@@ -164,6 +170,26 @@ def pipeline_failed(context) -> bool:
     states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])
     mine = states.get(ti.run_id, {})
     return any(state in FAILED_STATES for task_id, state in mine.items() if task_id != ti.task_id)
+
+
+def outcome(context) -> dict[str, str]:
+    """The DAG run's verdict, its last task: fail when any task the run needed failed.
+
+    Airflow decides a DAG run's state from its leaf tasks only (teardowns ignored), so a
+    train task an operator marks failed while register or teardown still runs left the
+    run ``success``. This task runs after teardown whatever happened (trigger rule
+    all_done) and looks at every other task but the teardown (whose failure Airflow does
+    not count either).
+    """
+    ti = context["ti"]
+    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+    failed = {t: s for t, s in states.items() if s in FAILED_STATES and t not in (ti.task_id, "teardown")}
+    if failed:
+        raise AirflowFailException(
+            "this DAG run failed: " + ", ".join(f"{t} is {s}" for t, s in sorted(failed.items()))
+            + "; see those tasks' logs (teardown cleaned up, nothing half-done was registered)"
+        )
+    return {t: str(s) for t, s in states.items() if t != ti.task_id}
 
 
 def teardown(ws: str, context) -> dict[str, Any]:
