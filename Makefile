@@ -65,10 +65,15 @@ test: setup docker-image
 test-fast: setup
 	$(PY) -m pytest -m "not docker"
 
-# Airflow UI (api-server + scheduler + dag-processor) and MLflow UI, in the background.
+# Airflow UI (api-server + scheduler + dag-processor) and MLflow UI, in the background, for
+# this LORAFLOW_HOME, with the tiny model the trigger form's defaults name. Settings:
+#   make ui LORAFLOW_AIRFLOW_PORT=8081 LORAFLOW_MLFLOW_PORT=5001 LORAFLOW_AIRFLOW_LOG_PORT=8794
+#   make ui LORAFLOW_BIND=0.0.0.0   # listen beyond loopback (the default is 127.0.0.1)
+export LORAFLOW_AIRFLOW_PORT LORAFLOW_MLFLOW_PORT LORAFLOW_AIRFLOW_LOG_PORT LORAFLOW_BIND
 ui: setup
 	$(PY) scripts/demo.py --serve-only
 
+# Stops the servers this LORAFLOW_HOME started (pidfiles in $(LORAFLOW_HOME)/pids), nothing else.
 stop:
 	$(PY) scripts/demo.py --stop
 

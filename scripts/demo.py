@@ -3,7 +3,11 @@
 Local Airflow metadata DB (sqlite), a local MLflow tracking server (sqlite backend, local
 artifact store), the `local` runtime, the tiny CPU model built on the spot and the bundled
 sample dataset. Ends by printing the registered version, its aliases and metrics, and where
-the UIs are. `--serve-only` starts the Airflow and MLflow UIs; `--stop` stops them.
+the UIs are. `--serve-only` (`make ui`) builds the tiny model the trigger form's defaults
+name and starts the Airflow and MLflow UIs; `--stop` (`make stop`) stops the servers this
+LORAFLOW_HOME started, and only those. Ports and the listen address are settings
+(LORAFLOW_AIRFLOW_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_AIRFLOW_LOG_PORT, LORAFLOW_BIND;
+see loraflow.devstack).
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("LORAFLOW_HOME", REPO / ".loraflow")).resolve()
-MLFLOW_PORT = int(os.environ.get("LORAFLOW_DEMO_MLFLOW_PORT", "5000"))
-AIRFLOW_PORT = int(os.environ.get("LORAFLOW_DEMO_AIRFLOW_PORT", "8080"))
 SAMPLE = REPO / "examples" / "data" / "sample_chat.jsonl"
 MODEL_NAME = "loraflow-demo"
 
@@ -30,21 +32,39 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "plugins"))
     from loraflow import devstack
+    from loraflow.errors import LoraflowError
 
-    stack = devstack.LocalStack(home=HOME, repo=REPO, mlflow_port=MLFLOW_PORT, airflow_port=AIRFLOW_PORT)
-    if args.stop:
-        stack.stop_all()
-        print("stopped the demo's MLflow and Airflow servers")
-        return 0
+    try:
+        stack = devstack.LocalStack(home=HOME, repo=REPO)
+        if args.stop:
+            report = stack.stop_all()
+            for line in report:
+                print(f"[stop] {line}")
+            if not report:
+                print(f"[stop] no servers of this home ({HOME}) were running")
+            return 0
+        return serve(stack) if args.serve_only else demo(stack)
+    except LoraflowError as exc:
+        print(f"loraflow: {exc}", file=sys.stderr)
+        return 2
 
+
+def serve(stack) -> int:
+    """`make ui`: MLflow, the tiny model the form's defaults name, and Airflow, in the background."""
     stack.configure_airflow_env()
-    print(f"[demo] MLflow tracking server on {stack.mlflow_uri} (sqlite + local artifacts under {stack.mlflow_dir})", flush=True)
-    stack.start_mlflow(detach=True)
-    if args.serve_only:
-        stack.migrate_airflow_db()
-        stack.start_airflow_ui()
-        _print_uis(stack)
-        return 0
+    print(f"[ui] {stack.start_mlflow(detach=True)}", flush=True)
+    stack.migrate_airflow_db()
+    print(f"[ui] tiny model (the trigger form's default base_model): {stack.ensure_tiny_model(corpus=SAMPLE)}", flush=True)
+    for line in stack.start_airflow_ui():
+        print(f"[ui] {line}", flush=True)
+    _print_uis(stack)
+    print("Trigger through the REST API: README.md, section \"Trigger through the REST API\".")
+    return 0
+
+
+def demo(stack) -> int:
+    stack.configure_airflow_env()
+    print(f"[demo] {stack.start_mlflow(detach=True)} (sqlite + local artifacts under {stack.mlflow_dir})", flush=True)
 
     print(f"[demo] Airflow metadata DB: {stack.airflow_home / 'airflow.db'}", flush=True)
     stack.migrate_airflow_db()
@@ -79,7 +99,9 @@ def main() -> int:
 def _print_uis(stack) -> None:
     print()
     print(f"MLflow UI:  {stack.mlflow_uri}   (running in the background; `make stop` stops it)")
-    print(f"Airflow UI: http://localhost:{stack.airflow_port}   (`make ui` starts it; user/password in {stack.airflow_home}/simple_auth_manager_passwords.json.generated)")
+    print(f"Airflow UI: {stack.airflow_url}   (`make ui` starts it; user admin, password in {stack.password_file})")
+    if stack.bind != stack.connect_host:
+        print(f"            listening on {stack.bind} (LORAFLOW_BIND): reachable from other machines")
     print(f"Load the model: mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')  or  loraflow models show {MODEL_NAME}@champion")
 
 

@@ -2,7 +2,18 @@
 
 Used by ``make demo``/``make ui`` and by the test session, so the demo a new user runs and
 the stack the tests run against are the same thing. Servers are real processes started
-with argument lists; their pids are kept under ``<home>/pids`` so ``make stop`` can end them.
+with argument lists.
+
+Settings (environment or Make variables): ``LORAFLOW_AIRFLOW_PORT`` (api-server, 8080; the
+execution API URL the workers call follows it), ``LORAFLOW_MLFLOW_PORT`` (5000),
+``LORAFLOW_AIRFLOW_LOG_PORT`` (the scheduler's log server, 8793) and ``LORAFLOW_BIND``
+(the address the servers listen on, 127.0.0.1: loopback only unless told otherwise).
+
+Each ``LORAFLOW_HOME`` owns its servers: every server it starts is recorded in
+``<home>/pids/<name>.json`` (pid, its start time, port, command), a port already taken by anything
+else is refused with a message naming the port and the variable to change, and
+``stop_all`` ends only processes whose pidfile this home wrote and whose start time
+still matches it (a pid reused by another process is left alone).
 """
 
 from __future__ import annotations
@@ -21,11 +32,32 @@ from pathlib import Path
 from loraflow import gpus
 from loraflow.errors import LoraflowError
 
+# sqlite3's busy timeout for the embedded Airflow DB (Python's default is 5 s). Airflow 3.3
+# already opens sqlite in WAL mode (utils/orm_event_handlers.py); what it does not set is how
+# long a writer waits for another, and a burst of REST triggers against a busy scheduler
+# waited longer than 5 s ("database is locked", HTTP 500). Airflow reads these through
+# [database] sql_alchemy_connect_args / sql_alchemy_connect_args_async (an import path).
+SQLITE_CONNECT_ARGS: dict = {"timeout": 60}
+SQLITE_CONNECT_ARGS_ASYNC: dict = {"timeout": 60}
+
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor")
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on ``host:port`` (or could not be bound for another reason)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -51,13 +83,39 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise LoraflowError(f"{name}={raw!r} is not a port number; set it to a free TCP port such as {default}")
+    return int(raw)
+
+
+def _started(pid: int) -> str | None:
+    """When a live process started (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    when it is gone or a zombie. A pid and its start time name one process: a reused pid differs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
 @dataclass
 class LocalStack:
     home: Path
     repo: Path
-    mlflow_port: int = 5000
-    airflow_port: int = 8080
+    mlflow_port: int = field(default_factory=lambda: _env_port("LORAFLOW_MLFLOW_PORT", 5000))
+    airflow_port: int = field(default_factory=lambda: _env_port("LORAFLOW_AIRFLOW_PORT", 8080))
+    log_server_port: int = field(default_factory=lambda: _env_port("LORAFLOW_AIRFLOW_LOG_PORT", 8793))
+    bind: str = field(default_factory=lambda: os.environ.get("LORAFLOW_BIND", "").strip() or "127.0.0.1")
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    # Which variable moves which port: named in every conflict message.
+    PORT_VARIABLES = {"mlflow": "LORAFLOW_MLFLOW_PORT", "airflow-api-server": "LORAFLOW_AIRFLOW_PORT",
+                      "airflow-scheduler": "LORAFLOW_AIRFLOW_LOG_PORT"}
 
     @property
     def mlflow_dir(self) -> Path:
@@ -72,8 +130,22 @@ class LocalStack:
         return Path(os.environ.get("LORAFLOW_MODELS", self.home / "models"))
 
     @property
+    def connect_host(self) -> str:
+        """Where clients on this machine reach the servers (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
+
+    @property
     def mlflow_uri(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
+        return f"http://{self.connect_host}:{self.mlflow_port}"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://{self.connect_host}:{self.airflow_port}"
+
+    @property
+    def password_file(self) -> Path:
+        """Where the simple auth manager writes the generated admin password."""
+        return self.airflow_home / "simple_auth_manager_passwords.json.generated"
 
     def env(self) -> dict[str, str]:
         """The environment Airflow, the trainer and MLflow clients of this stack read."""
@@ -85,9 +157,17 @@ class LocalStack:
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.repo / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.repo / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # A new user's first trigger runs: the DAG is not parked paused at creation.
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.airflow_home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "loraflow.devstack.SQLITE_CONNECT_ARGS",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "loraflow.devstack.SQLITE_CONNECT_ARGS_ASYNC",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__API__PORT": str(self.airflow_port),
+            "AIRFLOW__API__HOST": self.bind,
+            # Task processes report to the api-server of this home, on its port.
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_server_port),
         }
 
     def configure_airflow_env(self) -> None:
@@ -97,19 +177,22 @@ class LocalStack:
 
     # -- MLflow ------------------------------------------------------------------
 
-    def start_mlflow(self, detach: bool = False, timeout: float = 90) -> None:
-        if self._healthy(f"{self.mlflow_uri}/health"):
-            return
+    def start_mlflow(self, detach: bool = False, timeout: float = 90) -> str:
+        """Start this home's MLflow server, or find it running; return what happened."""
+        if self.running("mlflow") and self._healthy(f"{self.mlflow_uri}/health"):
+            return f"MLflow of this home already running on {self.mlflow_uri} (pid {self.running('mlflow')})"
+        self._require_free("mlflow", self.mlflow_port)
         self.mlflow_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             _bin("mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
             "--artifacts-destination", str(self.mlflow_dir / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+            "--host", self.bind, "--port", str(self.mlflow_port),
             "--workers", "1",
         ]
-        self._spawn("mlflow", cmd, detach)
+        self._spawn("mlflow", cmd, detach, self.mlflow_port)
         wait_http(f"{self.mlflow_uri}/health", timeout, self.procs.get("mlflow"), self._log("mlflow"))
+        return f"started MLflow on {self.mlflow_uri} (pid {self.procs['mlflow'].pid})"
 
     # -- Airflow -----------------------------------------------------------------
 
@@ -121,14 +204,25 @@ class LocalStack:
         )
         gpus.ensure_pool(self.env())
 
-    def start_airflow_ui(self, detach: bool = True, timeout: float = 120) -> None:
-        for component in ("api-server", "scheduler", "dag-processor"):
+    def start_airflow_ui(self, detach: bool = True, timeout: float = 180) -> list[str]:
+        """Start this home's api-server, scheduler and dag-processor (those not already running)."""
+        done = []
+        for component in AIRFLOW_COMPONENTS:
+            name = f"airflow-{component}"
+            if self.running(name):
+                done.append(f"{name} of this home already running (pid {self.running(name)})")
+                continue
+            port = {"api-server": self.airflow_port, "scheduler": self.log_server_port}.get(component)
+            if port is not None:
+                self._require_free(name, port)
             cmd = [sys.executable, "-m", "airflow", component]
             if component == "api-server":
-                cmd += ["--port", str(self.airflow_port)]
-            self._spawn(f"airflow-{component}", cmd, detach)
-        wait_http(f"http://127.0.0.1:{self.airflow_port}/api/v2/monitor/health", timeout,
-                  self.procs.get("airflow-api-server"), self._log("airflow-api-server"))
+                cmd += ["--port", str(self.airflow_port), "--host", self.bind]
+            self._spawn(name, cmd, detach, port)
+            done.append(f"started {name} (pid {self.procs[name].pid})")
+        proc = self.procs.get("airflow-api-server")
+        wait_http(f"{self.airflow_url}/api/v2/monitor/health", timeout, proc, self._log("airflow-api-server"))
+        return done
 
     def run_dag(self, dag_id: str, conf: dict) -> str:
         """Run one DAG run with ``dag.test()`` in a child process; return its final state."""
@@ -172,9 +266,26 @@ class LocalStack:
         return self.home / "logs" / f"{name}.log"
 
     def _pidfile(self, name: str) -> Path:
-        return self.home / "pids" / f"{name}.pid"
+        return self.home / "pids" / f"{name}.json"
 
-    def _spawn(self, name: str, cmd: list[str], detach: bool) -> None:
+    def running(self, name: str) -> int | None:
+        """The pid of server ``name`` if this home started it and it still runs, else None."""
+        path = self._pidfile(name)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        pid = int(record.get("pid", 0))
+        return pid if pid > 0 and _started(pid) == record.get("started") else None
+
+    def _require_free(self, name: str, port: int) -> None:
+        if port_taken(port, self.bind):
+            raise LoraflowError(
+                f"port {port} (for {name}) is already taken by a process this home ({self.home}) did not start; "
+                f"stop that process or set {self.PORT_VARIABLES[name]} to a free port"
+            )
+
+    def _spawn(self, name: str, cmd: list[str], detach: bool, port: int | None = None) -> None:
         log = self._log(name)
         log.parent.mkdir(parents=True, exist_ok=True)
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
@@ -184,18 +295,41 @@ class LocalStack:
                 start_new_session=detach,
             )
         self.procs[name] = proc
-        self._pidfile(name).write_text(str(proc.pid))
+        self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "started": _started(proc.pid), "port": port,
+                                                   "cmd": cmd, "home": str(self.home)}))
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> list[str]:
+        """Stop the servers this home started (and only those); return what was done, truthfully."""
+        report = []
         for name, proc in list(self.procs.items()):
-            _terminate(proc.pid)
-            proc.wait(timeout=30)
+            if proc.poll() is None:
+                _terminate(proc.pid)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    _terminate(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+                report.append(f"stopped {name} (pid {proc.pid})")
             self._pidfile(name).unlink(missing_ok=True)
         self.procs.clear()
         pids = self.home / "pids"
-        for pidfile in pids.glob("*.pid") if pids.exists() else []:
-            _terminate(int(pidfile.read_text()))
+        for pidfile in sorted(pids.glob("*.json")) if pids.exists() else []:
+            name = pidfile.stem
+            pid = self.running(name)
+            if pid is None:
+                report.append(f"{name} was not running (removed its stale pidfile)")
+            else:
+                _terminate(pid)
+                if not _wait_gone(pid, 30):
+                    _terminate(pid, signal.SIGKILL)
+                    _wait_gone(pid, 10)
+                report.append(f"stopped {name} (pid {pid})")
             pidfile.unlink(missing_ok=True)
+        for legacy in sorted(pids.glob("*.pid")) if pids.exists() else []:
+            # Pidfiles of the old format record no start time: the pid may have been reused, so leave it.
+            report.append(f"left pid {legacy.read_text().strip()} alone ({legacy.name} records no start time to check it against)")
+            legacy.unlink(missing_ok=True)
+        return report
 
     @staticmethod
     def _healthy(url: str) -> bool:
@@ -206,13 +340,25 @@ class LocalStack:
             return False
 
 
-def _terminate(pid: int) -> None:
-    # Servers spawn workers (gunicorn/uvicorn): end the whole process group.
-    for sig in (signal.SIGTERM,):
-        try:
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _started(pid) is None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _terminate(pid: int, sig: int = signal.SIGTERM) -> None:
+    # Detached servers lead their own process group with their workers (gunicorn/uvicorn):
+    # end the group; a server started attached (tests) is ended by its pid alone.
+    try:
+        if os.getpgid(pid) == pid:
             os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,107 @@
+"""The local stack's ports are settings and each LORAFLOW_HOME owns its servers.
+
+Through the commands a person runs (``scripts/demo.py`` is what ``make ui`` / ``make stop``
+run), with real servers and real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
+
+
+def user_env(home: Path, **settings: str) -> dict[str, str]:
+    """A shell as a new user has it: none of the test session's Airflow/MLflow/loraflow settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "LORAFLOW_", "MLFLOW_TRACKING"))}
+    return {**env, "LORAFLOW_HOME": str(home), **settings}
+
+
+def make(target_flag: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*DEMO, target_flag], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def listen_addresses(port: int) -> set[str]:
+    """The local addresses something listens on at ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr)
+    return found
+
+
+def test_a_port_taken_by_something_else_is_refused_naming_the_port_and_the_variable(tmp_path):
+    from loraflow.devstack import free_port
+
+    with socket.socket() as other:  # not this home's server: any process holding the port
+        port = free_port()
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        out = make("--serve-only", user_env(tmp_path / "home", LORAFLOW_MLFLOW_PORT=str(port)))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"port {port}" in out.stderr and "LORAFLOW_MLFLOW_PORT" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "home").glob("pids/*.json"))  # nothing started, nothing claimed
+
+
+def test_a_port_setting_that_is_not_a_port_is_refused(tmp_path):
+    out = make("--serve-only", user_env(tmp_path / "home", LORAFLOW_AIRFLOW_PORT="80a"))
+    assert out.returncode == 2 and "LORAFLOW_AIRFLOW_PORT='80a' is not a port number" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_each_home_owns_its_servers_and_stop_stops_only_its_own(tmp_path):
+    from loraflow.devstack import LocalStack, free_port, port_taken
+    from loraflow.errors import LoraflowError
+
+    port = free_port()
+    mine = LocalStack(home=tmp_path / "a", repo=REPO, mlflow_port=port)
+    other = LocalStack(home=tmp_path / "b", repo=REPO, mlflow_port=port)
+    try:
+        mine.start_mlflow(detach=True, timeout=240)
+        pid = mine.running("mlflow")
+        assert pid and json.loads((tmp_path / "a" / "pids" / "mlflow.json").read_text())["port"] == port
+
+        # A second home on the same port: refused, not silently reusing the first home's server.
+        with pytest.raises(LoraflowError, match=f"port {port} .*LORAFLOW_MLFLOW_PORT"):
+            other.start_mlflow(detach=True)
+        # `make stop` in the second home stops nothing and says so.
+        out = make("--stop", user_env(tmp_path / "b", LORAFLOW_MLFLOW_PORT=str(port)))
+        assert out.returncode == 0 and "no servers of this home" in out.stdout, out.stdout + out.stderr
+        assert mine.running("mlflow") == pid and port_taken(port)
+
+        # `make stop` in the owning home stops its server and names it.
+        out = make("--stop", user_env(tmp_path / "a", LORAFLOW_MLFLOW_PORT=str(port)))
+        assert out.returncode == 0 and f"stopped mlflow (pid {pid})" in out.stdout, out.stdout + out.stderr
+        assert mine.running("mlflow") is None and not port_taken(port)
+    finally:
+        mine.stop_all()
+
+
+def test_stop_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path):
+    """A pidfile whose pid now belongs to another process (start time differs): not killed."""
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        pids = tmp_path / "home" / "pids"
+        pids.mkdir(parents=True)
+        (pids / "mlflow.json").write_text(json.dumps({"pid": stranger.pid, "started": "1", "port": 5000, "cmd": ["mlflow"]}))
+        out = make("--stop", user_env(tmp_path / "home"))
+        assert out.returncode == 0 and "mlflow was not running" in out.stdout, out.stdout + out.stderr
+        assert stranger.poll() is None  # still alive
+        assert not (pids / "mlflow.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
