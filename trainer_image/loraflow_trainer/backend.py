@@ -35,11 +35,12 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import IntervalStrategy
+from transformers.trainer_utils import IntervalStrategy, set_seed
 from transformers.utils import logging as hf_logging
 
 from loraflow_trainer import base_model
 from loraflow_trainer import data as data_mod
+from loraflow_trainer import launch
 from loraflow_trainer import progress
 from loraflow_trainer.errors import ModelNotFoundError, OutOfMemoryError
 from loraflow_trainer.spec import JobSpec
@@ -149,6 +150,13 @@ class StopOnSignalCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            # Every rank stops at the same step, or the ones still stepping wait on a
+            # collective the stopped ones never join (a signal reaches ranks at different steps).
+            flag = torch.tensor([0 if self.signalled is None else int(self.signalled)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and self.signalled is None:
+                self.signalled = int(flag.item())
         if self.signalled is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -218,6 +226,11 @@ class HuggingFaceBackend(TrainingBackend):
         self.eval_dataset: data_mod.ExampleDataset | None = None
         self.model_args: dict[str, Any] = {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Under torchrun each rank owns one device (LOCAL_RANK); rank 0 alone writes outputs.
+        self.local_rank = launch.local_rank()
+        self.world_size = launch.world_size()
+        self.is_main = launch.is_main_process()
+        self.strategy = launch.strategy(job, self.world_size)
         self.log_cb = LineLogCallback()
         self.signal_cb: StopOnSignalCallback | None = None
         self.samples_before: list[str] = []
@@ -235,6 +248,11 @@ class HuggingFaceBackend(TrainingBackend):
         if not self.job.is_local_model(self.job_dir):
             return None
         return self.job.resolve(self.job.model.base_model, self.job_dir)
+
+    @property
+    def placement(self) -> torch.device:
+        """This process's device: its own GPU under torchrun (LOCAL_RANK), else the CPU."""
+        return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -270,10 +288,10 @@ class HuggingFaceBackend(TrainingBackend):
         }
         if m.quantization != "none":
             args["quantization_config"] = self._bnb_config()
-            args["device_map"] = {"": 0 if self.device == "cuda" else "cpu"}
+            args["device_map"] = {"": self.local_rank if self.device == "cuda" else "cpu"}
         if add_max_memory and self.device == "cuda":
-            free, _total = torch.cuda.mem_get_info()
-            args.setdefault("max_memory", {0: int(free * 0.9)})
+            free, _total = torch.cuda.mem_get_info(self.local_rank)
+            args.setdefault("max_memory", {self.local_rank: int(free * 0.9)})
         args.update(kwargs)
         self.model_args = args
         return args
@@ -291,8 +309,8 @@ class HuggingFaceBackend(TrainingBackend):
         if self.tokenizer.pad_token_id is None:
             # Llama-style tokenizers ship without a pad token; eos is the usual stand-in.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.job.model.quantization == "none":
-            self.model.to(self.device)
+        if self.job.model.quantization == "none" and self.strategy != "fsdp":  # FSDP places the shards itself
+            self.model.to(self.placement)
         self.model.config.use_cache = False
 
     def maybe_quantize(self, **quant_params) -> None:
@@ -320,6 +338,9 @@ class HuggingFaceBackend(TrainingBackend):
             task_type="CAUSAL_LM",
             **quant_params,
         )
+        # LoRA's A matrices come from torch's RNG, which is seeded per process at random: seed it,
+        # so one seed gives one initial adapter (and 1 or N processes start from the same one).
+        set_seed(self.job.training.seed)
         self.model = get_peft_model(self.model, config)
 
     def prepare_training_data(self) -> None:
@@ -363,8 +384,16 @@ class HuggingFaceBackend(TrainingBackend):
             dataloader_pin_memory=self.device == "cuda",
             dataloader_num_workers=0,
             use_cpu=self.device == "cpu",
+            ddp_backend="gloo" if self.device == "cpu" and self.world_size > 1 else None,
+            ddp_timeout=launch.DDP_TIMEOUT_S,
             **FIXED_RUNTIME_TRAINING_ARGS,
         )
+        if self.strategy == "fsdp":
+            # accelerate's FSDP2 (fully_shard) wraps each decoder layer (the model's _no_split_modules).
+            args.update(fsdp="full_shard auto_wrap", fsdp_config={
+                "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT",
+            })
         if self.job.privacy.dp_enabled:
             # One Poisson batch is one optimizer step (the accountant's unit), so the
             # logical batch is drawn whole; clipping is per sample, inside the DPOptimizer.
@@ -412,14 +441,17 @@ class HuggingFaceBackend(TrainingBackend):
         self.maybe_quantize()
         self.prepare_training_data()
         self.prepare_params(**training_args)
-        self.samples_before = self.generate_samples()
+        self.samples_before = self.generate_samples() if self.is_main else []
         output, runtime = self.fit(resume_from=self.last_checkpoint())
         self.results = self._metrics(output, runtime)
-        self.results.update(self.evaluate())
+        self.results.update(self.evaluate())  # every rank: eval batches are sharded across them
         if self.job.privacy.dp_enabled:
             self.results.update(self.trainer.privacy_report())
         progress.emit("metrics", **self.results)
-        self.save_model()
+        if self.strategy == "fsdp":
+            self._gather_fsdp_model()  # a collective: every rank, before rank 0 writes alone
+        if self.is_main:
+            self.save_model()
         return self.results
 
     def last_checkpoint(self) -> str | None:
@@ -588,6 +620,25 @@ class HuggingFaceBackend(TrainingBackend):
         tokens = int(state.num_input_tokens_seen)
         session_tokens = tokens - self.log_cb.tokens_at_start
         losses = self.log_cb.losses
+    def _gather_fsdp_model(self) -> None:
+        """FSDP: gather the trained weights from every rank (a collective), then give rank 0 an
+        unsharded copy to sample from and save (a sharded model cannot run on one rank alone)."""
+        state = self.trainer.accelerator.get_state_dict(self.trainer.model)  # full tensors, on rank 0
+        if not self.is_main:
+            return
+        from peft import get_peft_model
+
+        args = {k: v for k, v in self.model_args.items() if k not in ("device_map", "max_memory")}
+        base = AutoModelForCausalLM.from_pretrained(str(self.base_model_dir or self.job.model.base_model), **args)
+        base.config.use_cache = False
+        config = self.model.peft_config["default"]
+        fresh = get_peft_model(base, config)
+        missing, unexpected = fresh.load_state_dict(state, strict=False)
+        lora_missing = [k for k in missing if "lora_" in k]
+        if lora_missing or unexpected:
+            raise RuntimeError(f"FSDP state dict does not fit the LoRA model (missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+        self.model = fresh.to(self.placement)
+
         if self.device == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -613,8 +664,28 @@ class HuggingFaceBackend(TrainingBackend):
         return {
             "data_format": d.data_format,
             "columns": [{"name": c, "type": "string"} for c in cols],
+        metrics.update(self._device_metrics(metrics["tokens_per_second"], runtime))
             "train_examples": len(self.train_dataset) if self.train_dataset else 0,
             "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
+    def _device_metrics(self, tokens_per_second: float, runtime: float) -> dict[str, Any]:
+        """What the run trained on and its batch: the cost tags of the registered version read these."""
+        t = self.job.training
+        per_step = self.trainer.args.per_device_train_batch_size * self.trainer.args.gradient_accumulation_steps
+        name = torch.cuda.get_device_name(self.local_rank) if self.device == "cuda" else "cpu"
+        return {
+            "device_name": name,
+            "device_count": self.world_size,  # one process per device
+            "distributed": self.strategy,
+            "per_device_train_batch_size": t.per_device_train_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            # Examples per optimizer step: per device x accumulation x processes (DP draws the
+            # logical batch whole, so its per-device size already holds the accumulation).
+            "effective_batch_size": per_step * self.world_size,
+            "device_seconds": runtime * self.world_size,
+            "gpu_seconds": runtime * self.world_size if self.device == "cuda" else 0.0,
+            "tokens_per_second_per_device": tokens_per_second / self.world_size,
+        }
+
             "max_seq_length": self.job.training.max_seq_length,
             "loss_on": "completion" if self.job.completion_only else "all",
         }

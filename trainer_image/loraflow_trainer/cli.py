@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(exc: BaseException, code: int) -> int:
+    from loraflow_trainer import launch
+
+    launch.record_failure(str(exc))  # under torchrun: the cause the launcher reports for this rank
     print(f"loraflow-train: error: {exc}", file=sys.stderr, flush=True)
     progress.emit("failed", exit_code=code, error=str(exc))
     return code
@@ -62,6 +65,9 @@ def run_job(job_path: Path) -> int:
     # docker stop sends SIGTERM: outside the training loop (which checkpoints first) it
     # unwinds like Ctrl-C, so teardown runs and the exit code says "interrupted".
     signal.signal(signal.SIGTERM, _interrupt)
+    from loraflow_trainer import launch
+
+    launch.quiet_other_ranks()
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
     # People read the task log: library progress bars (carriage returns) and notices they
@@ -72,6 +78,10 @@ def run_job(job_path: Path) -> int:
 
     preflight(job, job_dir)
     _check_local_model(job, job_dir)
+    # More than one device: the same job again under torchrun, one process per device.
+    plan = launch.plan(job)
+    if plan.world_size > 1 and not launch.under_launcher():
+        return launch.relaunch(job_path.resolve(), plan)
     from loraflow_trainer.backend import HuggingFaceBackend
 
     backend = HuggingFaceBackend(job, job_dir)

@@ -59,3 +59,11 @@ class NoGpuError(LoraflowTrainerError):
 
 class DiskFullError(LoraflowTrainerError):
     exit_code = EXIT_DISK_FULL
+
+
+class RankFailedError(LoraflowTrainerError):
+    """A rank of a multi-process run failed; the run exits with that rank's code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -33,6 +33,7 @@ Quantization = Literal["none", "4bit", "8bit"]
 LossOn = Literal["all", "completion"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
+Distributed = Literal["auto", "ddp", "fsdp"]
 
 
 class _Section(BaseModel):
@@ -97,6 +98,12 @@ class TrainingSpec(_Section):
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point on a retry).")
     save_total_limit: int = Field(2, ge=1)
+    distributed: Distributed = Field(
+        "auto", description="How more than one process trains: ddp replicates the model on each device, fsdp shards "
+        "parameters, gradients and optimizer state (models that do not fit one device); auto is ddp.")
+    num_processes: int | None = Field(
+        None, ge=1, le=64, description="Training processes on this node; empty means one per visible GPU (one on CPU). "
+        "The effective batch is per_device_train_batch_size x gradient_accumulation_steps x processes.")
 
 
 class PrivacySpec(_Section):
@@ -189,6 +196,9 @@ class JobSpec(BaseModel):
 
     def flat_params(self) -> dict[str, Any]:
         """Every setting under its own name: the names of Params, MLflow params and docs."""
+        if self.privacy.dp_enabled and (self.training.num_processes or 1) > 1:
+            raise ValueError("privacy.dp_enabled trains on one process: set training.num_processes to 1 (or leave it empty "
+                             "and give the run one GPU)")
         flat: dict[str, Any] = {"spec_version": self.spec_version}
         for section in ("model", "data", "lora", "training", "privacy", "evaluation"):
             flat.update(getattr(self, section).model_dump(mode="json"))
