@@ -5,6 +5,8 @@
     loraflow models pull REF --dest DIR
     loraflow models generate REF --prompt TEXT [--base-model-path DIR] [--max-new-tokens N]
     loraflow models promote NAME VERSION --alias champion --reason "why"
+    loraflow models rollback NAME --reason "why" [--alias champion]
+    loraflow models history NAME
     loraflow models serve REF [--host 127.0.0.1] [--port 8000] [--base-model-path DIR]
     loraflow models export REF --format merged|peft|vllm --out DIR [--register]
 
@@ -94,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model-path", help="the base model on this machine, if not in $LORAFLOW_MODELS")
     s.add_argument("--register", action="store_true", help="merged only: register the merged model as a version of NAME-merged")
     s.add_argument("--register-name", help="the registered model for --register (default NAME-merged)")
+    s = cmd("rollback", "move champion back to the version that held it before the current one, and record why", _rollback, _render_rollback)
+    s.add_argument("name")
+    s.add_argument("--alias", default="champion")
+    s.add_argument("--reason", required=True, help="why the current version is withdrawn; recorded in the alias history")
+    s = cmd("history", "every recorded alias move of a model: when, which alias, from and to which version, by whom, why", _history, _render_history)
+    s.add_argument("name")
     return p
 
 
@@ -157,6 +165,18 @@ def _promote(args) -> Any:
     from loraflow import lookup
 
     return lookup.promote(_uri(args), args.name, args.version, args.alias, args.reason)
+
+
+def _rollback(args) -> Any:
+    from loraflow import aliases
+
+    return aliases.rollback(_uri(args), args.name, args.reason, alias=args.alias)
+
+
+def _history(args) -> Any:
+    from loraflow import aliases
+
+    return aliases.history(_uri(args), args.name)
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -246,6 +266,20 @@ def _render_export(r: dict) -> str:
 def _render_promote(v: dict) -> str:
     moved = f" (was version {v['previous_version']})" if v["previous_version"] else ""
     return f"{v['alias']} -> {v['name']} version {v['version']}{moved}; reason recorded: {v['promotion_reason']}"
+
+
+
+def _render_rollback(r: dict) -> str:
+    return f"{r['alias']} of {r['name']}: version {r['from']} -> {r['to']} (rolled back by {r['by']}: {r['reason']})"
+
+
+def _render_history(h: dict) -> str:
+    now = ", ".join(f"{a}=v{v}" for a, v in sorted(h["aliases"].items())) or "no aliases"
+    if not h["moves"]:
+        return f"{h['name']}: {now}; no alias moves recorded"
+    rows = [[m.get("at", "")[:19].replace("T", " "), m.get("alias", ""), f"v{m['from']}" if m.get("from") else "-",
+             f"v{m.get('to')}", m.get("kind", ""), m.get("by", ""), m.get("reason", "")] for m in h["moves"]]
+    return f"{h['name']}: {now}\n" + table(rows, ["WHEN (UTC)", "ALIAS", "FROM", "TO", "KIND", "BY", "REASON"])
 
 
 if __name__ == "__main__":

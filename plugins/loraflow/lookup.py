@@ -352,7 +352,9 @@ def promote(uri: str, name: str, version: str, alias: str, reason: str, by: str 
     mc = registry.client(uri)
     with talking_to(uri):
         previous = (mc.get_registered_model(name).aliases or {}).get(alias)
-        mc.set_registered_model_alias(name, alias, str(version))
+        from loraflow import aliases  # every alias move goes into the model's alias history
+
+        aliases.move(mc, name, alias, str(version), by=by or _who(), kind="promote", reason=reason.strip())
         now = datetime.now(UTC).isoformat(timespec="seconds")
         for key, value in ((registry.PROMOTION_REASON, reason.strip()), (PROMOTED_ALIAS, alias),
                            (PROMOTED_BY, by or _who()), (PROMOTED_AT, now)):
