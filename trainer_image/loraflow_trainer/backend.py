@@ -611,15 +611,6 @@ class HuggingFaceBackend(TrainingBackend):
             )
         return BitsAndBytesConfig(load_in_8bit=True)
 
-    def _unwrapped_model(self):
-        model = self.model
-        return getattr(model, "_module", model)  # Opacus GradSampleModule wraps the PeftModel
-
-    def _metrics(self, output, runtime: float) -> dict[str, Any]:
-        state = self.trainer.state
-        tokens = int(state.num_input_tokens_seen)
-        session_tokens = tokens - self.log_cb.tokens_at_start
-        losses = self.log_cb.losses
     def _gather_fsdp_model(self) -> None:
         """FSDP: gather the trained weights from every rank (a collective), then give rank 0 an
         unsharded copy to sample from and save (a sharded model cannot run on one rank alone)."""
@@ -639,6 +630,15 @@ class HuggingFaceBackend(TrainingBackend):
             raise RuntimeError(f"FSDP state dict does not fit the LoRA model (missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
         self.model = fresh.to(self.placement)
 
+    def _unwrapped_model(self):
+        model = self.model
+        return getattr(model, "_module", model)  # Opacus GradSampleModule wraps the PeftModel
+
+    def _metrics(self, output, runtime: float) -> dict[str, Any]:
+        state = self.trainer.state
+        tokens = int(state.num_input_tokens_seen)
+        session_tokens = tokens - self.log_cb.tokens_at_start
+        losses = self.log_cb.losses
         if self.device == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -655,18 +655,9 @@ class HuggingFaceBackend(TrainingBackend):
         }
         if losses:  # a resumed run that was already finished logs no step
             metrics.update(first_train_loss=losses[0], final_train_loss=losses[-1])
+        metrics.update(self._device_metrics(metrics["tokens_per_second"], runtime))
         return metrics
 
-    def _dataset_schema(self) -> dict[str, Any]:
-        d = self.job.data
-        cols = {"text": [d.text_column], "prompt_completion": [d.prompt_column, d.completion_column],
-                "chat": [d.messages_column]}[d.data_format]
-        return {
-            "data_format": d.data_format,
-            "columns": [{"name": c, "type": "string"} for c in cols],
-        metrics.update(self._device_metrics(metrics["tokens_per_second"], runtime))
-            "train_examples": len(self.train_dataset) if self.train_dataset else 0,
-            "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
     def _device_metrics(self, tokens_per_second: float, runtime: float) -> dict[str, Any]:
         """What the run trained on and its batch: the cost tags of the registered version read these."""
         t = self.job.training
@@ -686,6 +677,15 @@ class HuggingFaceBackend(TrainingBackend):
             "tokens_per_second_per_device": tokens_per_second / self.world_size,
         }
 
+    def _dataset_schema(self) -> dict[str, Any]:
+        d = self.job.data
+        cols = {"text": [d.text_column], "prompt_completion": [d.prompt_column, d.completion_column],
+                "chat": [d.messages_column]}[d.data_format]
+        return {
+            "data_format": d.data_format,
+            "columns": [{"name": c, "type": "string"} for c in cols],
+            "train_examples": len(self.train_dataset) if self.train_dataset else 0,
+            "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
             "max_seq_length": self.job.training.max_seq_length,
             "loss_on": "completion" if self.job.completion_only else "all",
         }

@@ -168,6 +168,9 @@ class JobSpec(BaseModel):
                 "privacy.dp_enabled cannot be combined with training.gradient_checkpointing: checkpointed layers "
                 "give Opacus no per-sample gradients; turn gradient_checkpointing off"
             )
+        if self.privacy.dp_enabled and (self.training.num_processes or 1) > 1:
+            raise ValueError("privacy.dp_enabled trains on one process: set training.num_processes to 1 (or leave it empty "
+                             "and give the run one GPU)")
         return self
 
     @property
@@ -196,9 +199,6 @@ class JobSpec(BaseModel):
 
     def flat_params(self) -> dict[str, Any]:
         """Every setting under its own name: the names of Params, MLflow params and docs."""
-        if self.privacy.dp_enabled and (self.training.num_processes or 1) > 1:
-            raise ValueError("privacy.dp_enabled trains on one process: set training.num_processes to 1 (or leave it empty "
-                             "and give the run one GPU)")
         flat: dict[str, Any] = {"spec_version": self.spec_version}
         for section in ("model", "data", "lora", "training", "privacy", "evaluation"):
             flat.update(getattr(self, section).model_dump(mode="json"))
