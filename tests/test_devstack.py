@@ -105,3 +105,21 @@ def test_stop_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_the_embedded_airflow_db_waits_for_a_busy_writer_instead_of_failing(tmp_path):
+    """Airflow as the stack configures it opens sqlite in WAL mode with a 60 s busy timeout
+    (sqlite3's default is 5 s, which bursts of REST triggers exceeded: "database is locked")."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from loraflow.devstack import LocalStack\n"
+        "LocalStack(home=Path(sys.argv[1]), repo=Path(sys.argv[2])).configure_airflow_env()\n"
+        "from airflow import settings\n"
+        "cur = settings.engine.raw_connection().cursor()\n"
+        "print(cur.execute('PRAGMA busy_timeout').fetchone()[0], cur.execute('PRAGMA journal_mode').fetchone()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home"), str(REPO)], env=user_env(tmp_path / "home"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["60000", "wal"], out.stdout
