@@ -15,8 +15,15 @@ GPU's dense bf16 figure, read from the device name.
 
 Without CUDA it prints that no GPU is present and exits 0.
 
+``--scaling`` measures data-parallel scaling instead: the same job through ``loraflow-train``
+(the CLI the container runs, so torchrun, DDP and rank-0 saving are all in the figure) on 1
+GPU and on N (``--gpus``, default all visible), the per-device batch held fixed (weak
+scaling: N times the effective batch). It reports tokens/s on 1 and N, tokens/s per GPU and
+the ratio N/1 (ideal: N). With fewer than 2 GPUs it says so and exits 0.
+
     python bench/gpu.py                     # 1b and 8b, LoRA and QLoRA 4-bit
     python bench/gpu.py --sizes 8b --quant 4bit --setups loraflow_packing
+    python bench/gpu.py --scaling --sizes 1b --gpus 8
 """
 
 from __future__ import annotations
@@ -90,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--smoke", action="store_true", help="on CUDA: the tiny bench model, a few steps")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--scaling", action="store_true", help="tokens/s of loraflow-train on 1 GPU and on --gpus GPUs")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for --scaling (default: all visible)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per --scaling run")
     a = p.parse_args(argv)
     import torch
 
     info = common.machine()
+    if a.scaling:
+        return scaling(a, info)
     if not torch.cuda.is_available():
         print("no CUDA GPU present: the GPU benchmark needs one and was skipped (nothing measured)")
         common.write_result("gpu", {"machine": info, "smoke": a.smoke, "skipped": "no CUDA GPU present", "results": []}, a.out)
@@ -155,6 +167,65 @@ def main(argv: list[str] | None = None) -> int:
     print(common.table(results, ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib", "oom"]))
     common.write_result("gpu", {"machine": info, "smoke": a.smoke, "gpu": name, "peak_tflops": peak,
                                 "mfu_formula": "tokens_per_s * 4 * N_linear / peak_dense_bf16", "results": results}, a.out)
+    return 0
+
+
+def scaling(a, info: dict) -> int:
+    """loraflow-train on 1 GPU and on N: tokens/s, tokens/s per GPU, and the ratio."""
+    import json
+    import os
+    import subprocess
+
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = a.gpus or visible
+    if visible < 2 or n < 2 or n > visible:
+        msg = f"scaling needs 2 or more GPUs (visible: {visible}, asked: {a.gpus}): nothing measured"
+        print(msg)
+        common.write_result("gpu_scaling", {"machine": info, "skipped": msg, "results": []}, a.out)
+        return 0
+    gen = common.TextGen(seed=5)
+    rows = [{"prompt": pr + " ?", "completion": " " + c + "."} for pr, c in zip(
+        gen.texts(gen.lengths(4000, median=60, sigma=0.8, hi=600)), gen.texts(gen.lengths(4000, median=500, sigma=0.7, hi=1800)),
+        strict=True)]
+    results = []
+    for size in a.sizes:
+        model_dir = common.bench_model() if a.smoke else build_model(size)
+        for quant in a.quant:
+            for procs in (1, n):
+                job_dir = common.CACHE / f"scaling-{size}-{quant}-{procs}"
+                subprocess.run(["rm", "-rf", str(job_dir)], check=True)
+                job_dir.mkdir(parents=True)
+                common.write_jsonl(job_dir / "train.jsonl", rows)
+                job = {"model": {"base_model": str(model_dir), "quantization": quant},
+                       "data": {"train_path": "train.jsonl", "data_format": "prompt_completion"},
+                       "training": {"max_steps": 5 if a.smoke else a.steps, "per_device_train_batch_size": a.batch_size,
+                                    "max_seq_length": a.max_seq_length, "save_steps": 10_000, "num_processes": procs,
+                                    "gradient_checkpointing": not a.no_gradient_checkpointing},
+                       "evaluation": {"num_sample_generations": 0}}
+                (job_dir / "job.json").write_text(json.dumps(job))
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(procs)))}
+                proc = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_dir / "job.json")],
+                                      env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    results.append({"size": size, "quantization": quant, "gpus": procs, "failed": proc.returncode})
+                    continue
+                m = json.loads((job_dir / "output" / "metrics.json").read_text())
+                results.append({"size": size, "quantization": quant, "gpus": procs, "tokens_per_s": m["tokens_per_second"],
+                                "tokens_per_s_per_gpu": m["tokens_per_second_per_device"],
+                                "effective_batch": m["effective_batch_size"], "peak_gib": m["peak_memory_mb"] / 1024})
+            one = next((x for x in results if (x["size"], x["quantization"], x["gpus"]) == (size, quant, 1) and "tokens_per_s" in x), None)
+            for x in results:
+                if (x["size"], x["quantization"]) == (size, quant) and one and "tokens_per_s" in x:
+                    x["ratio_vs_1"] = x["tokens_per_s"] / one["tokens_per_s"]
+                    x["efficiency"] = x["ratio_vs_1"] / x["gpus"]
+    name = torch.cuda.get_device_name(0)
+    print(f"\nloraflow-train data-parallel scaling on {n} x {name} (per-device batch {a.batch_size}, seq {a.max_seq_length})")
+    print(common.table(results, ["size", "quantization", "gpus", "tokens_per_s", "tokens_per_s_per_gpu", "ratio_vs_1",
+                                 "efficiency", "effective_batch", "peak_gib"]))
+    common.write_result("gpu_scaling", {"machine": info, "gpu": name, "gpus": n, "results": results}, a.out)
     return 0
 
 

@@ -217,6 +217,8 @@ def _short_path(path: str) -> str:
 
 
 def _render_show(v: dict) -> str:
+    from loraflow import cost
+
     lin = v["lineage"]
     lines = [
         f"{v['name']} version {v['version']}" + (f"  ({', '.join(v['aliases'])})" if v["aliases"] else ""),
@@ -226,6 +228,7 @@ def _render_show(v: dict) -> str:
         f"  base model:       {lin['base_model'] or '-'}",
         f"  spec hash:        {lin['spec_hash'] or '-'}",
         f"  runtime / image:  {lin['runtime'] or '-'} {lin['image'] or ''} {lin['image_digest'] or ''}".rstrip(),
+        f"  devices / cost:   {cost.summary(v.get('tags') or {})}",
         f"  promotion reason: {v['promotion_reason'] or '-'}",
         f"  mlflow run:       {v['run_url'] or '-'}",
         f"  source:           {v['source']}",

@@ -11,6 +11,13 @@ Two layers keep training runs from fighting over a GPU:
    counts as busy). ``gpus=auto`` takes the first free GPU; explicit ids wait for theirs.
    The kernel drops a flock when its process dies, so a crashed worker frees its GPUs.
 
+A run asking for N GPUs (``gpus=0,1``, or ``all``) takes N slots of the pool: ``pool_slots``
+cannot be templated (the scheduler reads it before the task runs), so the cluster policy in
+``loraflow.policy`` sets it from the run's conf when the scheduler creates the task
+instance. ``check_request`` refuses, before anything starts, ids this host lacks (a run
+that asked for a GPU never trains on CPU), duplicates, and more GPUs than the pool holds.
+The container learns its GPUs from ``LORAFLOW_GPUS`` (``loraflow_trainer.launch``).
+
 The host's GPU ids come from ``LORAFLOW_GPU_IDS`` (``0,1,2,3``), else ``nvidia-smi``. How a
 container gets its GPUs is ``LORAFLOW_GPU_REQUEST``: ``device_requests`` (default, the
 ``--gpus`` flag) or ``env`` (``NVIDIA_VISIBLE_DEVICES``, for engines whose default runtime
@@ -123,6 +130,42 @@ def _try_lock(gpu: str):
     return f
 
 
+def slots_for(gpus: str, host: list[str] | None = None) -> int:
+    """Pool slots a run asking for ``gpus`` takes: one per GPU it will hold (one for CPU runs)."""
+    if gpus in ("none", "auto"):
+        return 1
+    if gpus == "all":
+        known = host_gpu_ids() if host is None else host
+        return max(1, len(known) or pool_slots())
+    return len(set(gpus.split(",")))
+
+
+def check_request(gpus: str, host: list[str] | None = None) -> None:
+    """Refuse, before anything starts, GPUs this worker does not have (a run asking for GPUs never trains on CPU)."""
+    host = host_gpu_ids() if host is None else host
+    if gpus in ("none", "auto", "all"):
+        return
+    ids = gpus.split(",")
+    if len(set(ids)) != len(ids):
+        raise TrainingError(f"gpus={gpus!r} names a GPU twice; list each id once, e.g. 0,1")
+    if not host:
+        raise TrainingError(f"gpus={gpus!r} names GPU {gpus}, but this worker has no GPU (LORAFLOW_GPU_IDS unset or "
+                            "empty, no nvidia-smi); use gpus=none or auto to train on CPU, or run on a GPU worker")
+    unknown = [g for g in ids if g not in host]
+    if unknown:
+        raise TrainingError(f"gpus={gpus!r} names GPU {', '.join(unknown)}, but this host has {', '.join(host)}; "
+                            "use auto, all, none or ids of this host")
+    check_slots(gpus)
+
+
+def check_slots(gpus: str) -> None:
+    """Refuse a request for more GPUs than the pool has slots: its train task would wait forever."""
+    want, slots = slots_for(gpus), pool_slots()
+    if want > slots:
+        raise TrainingError(f"gpus={gpus!r} asks for {want} GPUs, but the pool {pool_name()} has {slots} slot(s) (one per "
+                            "GPU of a worker): the train task could never be scheduled; ask for at most that many")
+
+
 def acquire(gpus: str, busy: Callable[[], Iterable[str]] = lambda: (), log: Callable[[str], None] = print,
             timeout: float = 24 * 3600, poll: float = 5.0) -> GpuLease:
     """Lease the GPUs a run asked for, waiting while others hold them.
@@ -140,10 +183,7 @@ def acquire(gpus: str, busy: Callable[[], Iterable[str]] = lambda: (), log: Call
     if gpus == "all" and not host:
         return GpuLease(None)  # the engine decides (and says so when it has no GPU runtime)
     wanted = host if gpus == "all" else None if gpus == "auto" else gpus.split(",")
-    unknown = [g for g in wanted or [] if host and g not in host]
-    if unknown:
-        raise TrainingError(f"gpus={gpus!r} names GPU {', '.join(unknown)}, but this host has {', '.join(host)}; "
-                            "use auto, all, none or ids of this host")
+    check_request(gpus, host)
     deadline = time.monotonic() + timeout
     said = False
     while True:
@@ -173,3 +213,16 @@ def acquire(gpus: str, busy: Callable[[], Iterable[str]] = lambda: (), log: Call
             log(f"loraflow: waiting for GPU(s) {gpus} (held by other runs)")
             said = True
         time.sleep(poll)
+
+
+def check_params(gpus: str, dp_enabled: bool = False) -> None:
+    """The trigger's GPU request, checked in prepare (host-independent: ids are checked where the run trains)."""
+    from loraflow.errors import ParamsError
+
+    try:
+        check_slots(gpus)
+    except TrainingError as exc:
+        raise ParamsError(str(exc)) from None
+    if dp_enabled and slots_for(gpus) > 1:
+        raise ParamsError(f"dp_enabled trains on one GPU, but gpus={gpus!r} asks for {slots_for(gpus)}: DP-SGD's accounting "
+                          "is for one process; set gpus to auto or one id")

@@ -68,6 +68,26 @@ def device_requests(lease: gpus.GpuLease) -> list[DeviceRequest] | None:
         return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     return [DeviceRequest(device_ids=list(lease.ids), capabilities=[["gpu"]])]
 
+SHM_PER_GPU = os.environ.get("LORAFLOW_SHM_PER_GPU", "1g")
+
+
+def trainer_gpu_env(lease: gpus.GpuLease) -> dict[str, str]:
+    """What the trainer needs to know of its GPUs: the leased ids (it refuses to see fewer), and the CPU stand-in."""
+    env = {"LORAFLOW_GPUS": lease.visible} if lease.ids else {}
+    if os.environ.get("LORAFLOW_GPUS_ON_CPU") == "1":  # hosts without a GPU driver (tests): a GPU is a gloo process
+        env["LORAFLOW_GPUS_ON_CPU"] = "1"
+    return env
+
+
+def shm_bytes(configured: int | None, lease: gpus.GpuLease) -> int | None:
+    """/dev/shm for the container: at least LORAFLOW_SHM_PER_GPU per GPU when a run spans several
+    (NCCL's intra-node transport and the ranks' dataloaders live there; Docker's 64m is not enough)."""
+    n = len(lease.ids or [])
+    if n < 2:
+        return configured
+    return max(configured or 0, n * parse_bytes(SHM_PER_GPU))
+
+
 def trainer_command() -> list[str]:
     """The local runtime's trainer: LORAFLOW_TRAINER_BIN, else this interpreter's environment."""
     explicit = os.environ.get("LORAFLOW_TRAINER_BIN")
@@ -115,6 +135,7 @@ class LoraflowTrainOperator(DockerOperator):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **secrets.trainer_env()}
         if lease.ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = lease.visible
+        env.update(trainer_gpu_env(lease))
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       cwd=pipeline.workspace, start_new_session=True)
         last = ""
@@ -179,7 +200,7 @@ class LoraflowTrainOperator(DockerOperator):
             self.mounts.append(Mount(target=CONTAINER_HUB_CACHE, source=config.host_path(ws / ".hf"), type="bind", read_only=False))
         conf = self._configured
         self.mem_limit = pipeline.memory_limit or conf["mem_limit"]
-        self.shm_size = parse_bytes(pipeline.shm_size) if pipeline.shm_size else conf["shm_size"]
+        self.shm_size = shm_bytes(parse_bytes(pipeline.shm_size) if pipeline.shm_size else conf["shm_size"], lease)
         self.labels = {"loraflow.dag_id": pipeline.dag_id, "loraflow.run_id": pipeline.run_id,
                        **({gpus.LABEL: lease.visible} if lease.ids else {})}
         self.network_mode = "none" if local_model else conf["network_mode"]
@@ -192,7 +213,7 @@ class LoraflowTrainOperator(DockerOperator):
         # environment and container_name are templated: the author's values as rendered.
         self.environment = {**(self.environment if conf["environment"] else {}), "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                             "HOME": "/tmp", "HF_HOME": "/tmp/hf" if local_model else CONTAINER_HUB_CACHE,
-                            **({"HF_HUB_OFFLINE": "1"} if local_model else {}), **gpu_env}
+                            **({"HF_HUB_OFFLINE": "1"} if local_model else {}), **gpu_env, **trainer_gpu_env(lease)}
         # Secrets: only in the container's environment, never in job.json or the rendered fields.
         self._private_environment = {**(conf["_private_environment"] or {}), **secrets.trainer_env()}
         self.container_name = (self.container_name if conf["container_name"] else None) or f"loraflow-{ws.parent.name}-{ws.name}"[:120]

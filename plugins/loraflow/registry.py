@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow import cost
 from loraflow.errors import RegistryError, RegistryUnavailable
 
 TAG_PREFIX = "loraflow."
@@ -215,6 +216,7 @@ def register(
             version_tags = {RUN_KEY: run_key, **tags, GATE_METRIC: gate_metric,
                             GATE_VALUE: "" if gate_value is None else str(gate_value)}
             artifact_uri = mc.get_run(run_id).info.artifact_uri
+            version_tags.update(cost.version_tags(metrics))  # devices, device/GPU-seconds, tokens/s per device, cost
             mv = mc.create_model_version(name, f"{artifact_uri}/model", run_id=run_id, tags=version_tags)
             version = _dedupe(mc, name, run_key, mv.version)
             created = True

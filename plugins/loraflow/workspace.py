@@ -157,6 +157,9 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
     gpus = str(settings.get("gpus", "auto"))
     if not re.match(GPUS_PATTERN, gpus):
         raise ParamsError(f"gpus {gpus!r} is not auto, all, none or GPU ids such as 0,1")
+    from loraflow import gpus as gpu_pool
+
+    gpu_pool.check_params(gpus, bool(fields.get("dp_enabled")))  # N GPUs take N pool slots; DP takes one
     for name in ("memory_limit", "shm_size"):
         if not re.match(MEMORY_PATTERN, str(settings.get(name, "") or "")):
             raise ParamsError(f"{name} {settings[name]!r} is not a size such as 512m or 16g")

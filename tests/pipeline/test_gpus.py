@@ -81,3 +81,36 @@ def test_setup_creates_the_training_pool(airflow_db):
     with create_session() as session:
         pool = session.scalar(select(Pool).where(Pool.pool == gpus.pool_name()))
     assert pool is not None and pool.slots == gpus.pool_slots()
+
+
+def test_a_run_takes_one_pool_slot_per_gpu_it_asks_for(two_gpus):
+    assert [gpus.slots_for(g) for g in ("none", "auto", "0", "0,1", "all")] == [1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("ids, request_, expected", [
+    ("", "7", "this worker has no GPU"),  # used to lease 7 and train on CPU
+    ("0,1", "7", "this host has 0, 1"),
+    ("0,1", "0,0", "names a GPU twice"),
+    ("0,1,2,3", "0,1,2", "the pool loraflow_gpu has 2 slot"),  # would wait for slots forever
+], ids=["gpu-on-a-cpu-host", "unknown-id", "duplicate", "more-than-the-pool"])
+def test_gpu_requests_the_worker_cannot_serve_are_refused_before_anything_starts(monkeypatch, tmp_path, ids, request_, expected):
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("LORAFLOW_GPU_IDS", ids)
+    monkeypatch.setenv("LORAFLOW_GPU_SLOTS", "2")
+    with pytest.raises(TrainingError, match=expected):
+        gpus.acquire(request_, timeout=0.1, poll=0.1)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"gpus": "0,1,2"}, "asks for 3 GPUs, but the pool loraflow_gpu has 2 slot"),
+    ({"gpus": "0,1", "dp_enabled": True}, "dp_enabled trains on one GPU"),
+], ids=["more-than-the-pool", "dp-on-two-gpus"])
+def test_a_trigger_the_gpu_pool_cannot_serve_fails_in_prepare(monkeypatch, tiny_model, overrides, expected):
+    from loraflow import workspace
+    from loraflow.errors import ParamsError
+    from tests.pipeline.conftest import conf
+
+    monkeypatch.setenv("LORAFLOW_GPU_SLOTS", "2")
+    with pytest.raises(ParamsError, match=expected):
+        workspace.prepare(conf("gpu-refusals", **overrides), "loraflow_finetune", f"refused-{len(overrides)}", "manual")
+    assert not workspace.run_dir("loraflow_finetune", f"refused-{len(overrides)}").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from loraflow import cost
 from loraflow.ui.data import Overview, RunRow
 
 METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
@@ -58,7 +59,8 @@ def _row(r: RunRow, airflow_root: str) -> str:
         metrics = "<br>".join(f"{escape(k)} {v['metrics'][k]:.4g}" for k in METRICS if k in v["metrics"]) or "-"
         lin = v["lineage"]
         lineage = (f"data <code>{escape(lin['data_fingerprint'][:12] or '-')}</code><br>"
-                   f"base <code>{escape(lin['base_model'].rsplit('/', 1)[-1] or '-')}</code>")
+                   f"base <code>{escape(lin['base_model'].rsplit('/', 1)[-1] or '-')}</code><br>"
+                   f'<span class="muted">{escape(cost.summary(v.get("tags") or {}))}</span>')
         mlflow = (f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
                    f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
