@@ -5,7 +5,8 @@ A second Airflow (its own home and DB; api-server + scheduler + dag-processor wi
 LocalExecutor) runs three triggered runs of loraflow_finetune with runtime=docker and
 gpus=auto, on a worker configured with two GPUs. This machine has no GPU driver, so the
 GPUs are named by LORAFLOW_GPU_IDS and handed to the container as NVIDIA_VISIBLE_DEVICES
-(LORAFLOW_GPU_REQUEST=env), which runc ignores: that is the only stand-in. The pool, the
+(LORAFLOW_GPU_REQUEST=env), which runc ignores, and the trainer runs one CPU process per
+leased GPU (LORAFLOW_GPUS_ON_CPU=1): that is the only stand-in. The pool, the
 scheduler, the leases, the containers and their labels are real; what the test reads is
 Docker's own event log and Airflow's task instances.
 """
@@ -49,6 +50,7 @@ def scheduler_stack(stack, mlflow_server, tiny_model, tmp_path):
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "LORAFLOW_GPU_IDS": GPUS, "LORAFLOW_GPU_SLOTS": "2", "LORAFLOW_GPU_REQUEST": "env",
+        "LORAFLOW_GPUS_ON_CPU": "1",  # the trainer refuses leased GPUs it cannot see, except under this stand-in
         "LORAFLOW_MAX_ACTIVE_RUNS": str(RUNS),
     }
 
