@@ -123,3 +123,24 @@ def test_the_embedded_airflow_db_waits_for_a_busy_writer_instead_of_failing(tmp_
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["60000", "wal"], out.stdout
+
+
+def test_a_running_server_of_this_home_on_another_port_is_not_silently_reused(tmp_path):
+    """Changing LORAFLOW_MLFLOW_PORT while this home's server runs: told to stop it first; `make stop` stops it."""
+    from loraflow.devstack import LocalStack, _started, free_port
+    from loraflow.errors import LoraflowError
+
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for this home's MLflow
+    try:
+        pids = tmp_path / "home" / "pids"
+        pids.mkdir(parents=True)
+        (pids / "mlflow.json").write_text(json.dumps({"pid": server.pid, "started": _started(server.pid), "port": 1234, "cmd": ["sleep"]}))
+        stack = LocalStack(home=tmp_path / "home", repo=REPO, mlflow_port=free_port())
+        with pytest.raises(LoraflowError, match="mlflow of this home already runs on port 1234.*make stop"):
+            stack.start_mlflow()
+        out = make("--stop", user_env(tmp_path / "home"))
+        assert out.returncode == 0 and f"stopped mlflow (pid {server.pid})" in out.stdout, out.stdout + out.stderr
+        assert server.wait(timeout=30) is not None
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -179,7 +179,9 @@ class LocalStack:
 
     def start_mlflow(self, detach: bool = False, timeout: float = 90) -> str:
         """Start this home's MLflow server, or find it running; return what happened."""
-        if self.running("mlflow") and self._healthy(f"{self.mlflow_uri}/health"):
+        if self.running("mlflow"):  # ours, perhaps still starting: wait for it rather than start a second one
+            self._require_same_port("mlflow", self.mlflow_port)
+            wait_http(f"{self.mlflow_uri}/health", timeout, None, self._log("mlflow"))
             return f"MLflow of this home already running on {self.mlflow_uri} (pid {self.running('mlflow')})"
         self._require_free("mlflow", self.mlflow_port)
         self.mlflow_dir.mkdir(parents=True, exist_ok=True)
@@ -209,10 +211,11 @@ class LocalStack:
         done = []
         for component in AIRFLOW_COMPONENTS:
             name = f"airflow-{component}"
+            port = {"api-server": self.airflow_port, "scheduler": self.log_server_port}.get(component)
             if self.running(name):
+                self._require_same_port(name, port)
                 done.append(f"{name} of this home already running (pid {self.running(name)})")
                 continue
-            port = {"api-server": self.airflow_port, "scheduler": self.log_server_port}.get(component)
             if port is not None:
                 self._require_free(name, port)
             cmd = [sys.executable, "-m", "airflow", component]
@@ -277,6 +280,14 @@ class LocalStack:
             return None
         pid = int(record.get("pid", 0))
         return pid if pid > 0 and _started(pid) == record.get("started") else None
+
+    def _require_same_port(self, name: str, port: int | None) -> None:
+        recorded = json.loads(self._pidfile(name).read_text()).get("port")
+        if port is not None and recorded != port:
+            raise LoraflowError(
+                f"{name} of this home already runs on port {recorded}, not {port} ({self.PORT_VARIABLES[name]}); "
+                f"run `make stop` first to move it"
+            )
 
     def _require_free(self, name: str, port: int) -> None:
         if port_taken(port, self.bind):
