@@ -177,7 +177,7 @@ class LocalStack:
 
     # -- MLflow ------------------------------------------------------------------
 
-    def start_mlflow(self, detach: bool = False, timeout: float = 90) -> str:
+    def start_mlflow(self, detach: bool = False, timeout: float = 300) -> str:
         """Start this home's MLflow server, or find it running; return what happened."""
         if self.running("mlflow"):  # ours, perhaps still starting: wait for it rather than start a second one
             self._require_same_port("mlflow", self.mlflow_port)
@@ -206,7 +206,7 @@ class LocalStack:
         )
         gpus.ensure_pool(self.env())
 
-    def start_airflow_ui(self, detach: bool = True, timeout: float = 180) -> list[str]:
+    def start_airflow_ui(self, detach: bool = True, timeout: float = 300) -> list[str]:
         """Start this home's api-server, scheduler and dag-processor (those not already running)."""
         done = []
         for component in AIRFLOW_COMPONENTS:
