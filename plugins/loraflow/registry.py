@@ -159,7 +159,7 @@ def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: 
         mc.log_batch(run_id, params=plist[i:i + 100], metrics=mlist if i == 0 else [])
     out = workspace / "output"
     mc.log_artifacts(run_id, str(out / "model"), "model")
-    for name in ("metrics.json", "metadata.json", "samples.jsonl"):
+    for name in ("metrics.json", "metadata.json", "samples.jsonl", "dp_accounting.json"):
         if (out / name).exists():
             mc.log_artifact(run_id, str(out / name))
     for name in ("data_report.json", "dataset_schema.json"):
@@ -258,6 +258,8 @@ def _alias_version(mc, name: str, alias: str):
 
 def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any) -> str:
     """challenger -> this version; champion -> this version if it beats the champion. Returns the champion."""
+    run_time: str | None = None,
+    gate: Any = None,
     mc.set_registered_model_alias(name, CHALLENGER, version)
     champion = _alias_version(mc, name, CHAMPION)
     if champion is None:

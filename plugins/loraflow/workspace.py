@@ -121,10 +121,13 @@ def confine(path_value: str, roots: list[Path], what: str) -> Path:
                 return resolved
     inside = [c.resolve() for c in candidates if any(c.resolve() == r or r in c.resolve().parents for r in roots)]
     if inside:
-        raise ParamsError(f"{what} {path_value!r} does not exist (looked at {inside[0]}); upload the file there or fix the path")
+        fix = ("put the model directory there (config.json, weights and tokenizer, as save_pretrained writes them), "
+               "or name a hub id such as org/name" if what == "base_model" else "upload the file there or fix the path")
+        raise ParamsError(f"{what} {path_value!r} does not exist (looked at {inside[0]}); {fix}")
     raise ParamsError(
         f"{what} {path_value!r} resolves outside the allowed roots {', '.join(map(str, roots))}; "
-        "move the file under one of them or add its directory to LORAFLOW_DATA_ROOTS"
+        + ("move the model directory into the model cache (LORAFLOW_MODELS)" if what == "base_model" else
+           "move the file under one of them or add its directory to LORAFLOW_DATA_ROOTS")
     )
 
 

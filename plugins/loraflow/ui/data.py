@@ -15,6 +15,7 @@ from loraflow import config, lookup
 from loraflow.errors import LoraflowError
 
 MAX_RUNS = 100
+MAX_CURVES = 50  # MLflow calls per page view: one per version's run
 
 
 @dataclass
@@ -84,7 +85,32 @@ def overview(session, tracking_uri: str | None = None) -> Overview:
     for row in rows:
         if not row.model_name and row.versions:
             row.model_name = row.versions[0]["name"]
+    if error is None:
+        add_loss_curves(uri, [v for row in rows for v in row.versions])
     return Overview(tracking_uri=uri, mlflow_ui=lookup.ui_url(uri), rows=rows, mlflow_error=error)
+
+
+def add_loss_curves(uri: str, versions: list[dict[str, Any]], limit: int = MAX_CURVES) -> None:
+    """Set each version's ``loss_curve`` to its run's train loss per logging step, [[step, loss], ...].
+
+    The points are the MLflow metric history ``register`` logged; a version without one
+    (registered before loraflow logged histories, or its run deleted) gets an empty curve.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from loraflow import registry
+
+    mc = registry.client(uri)
+    runs: dict[str, list[list[float]]] = {}
+    for v in versions:
+        run_id = v.get("mlflow_run_id")
+        if run_id and run_id not in runs and len(runs) < limit:
+            try:
+                history = mc.get_metric_history(run_id, "loss")
+            except (MlflowException, OSError):  # a picture is not worth failing the page over
+                history = []
+            runs[run_id] = [[m.step, m.value] for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+        v["loss_curve"] = runs.get(run_id, []) if run_id else []
 
 
 def as_json(ov: Overview) -> dict[str, Any]:

@@ -19,6 +19,7 @@ h1{font-size:20px;margin:0 0 4px} p.sub{color:#4a5568;margin:0 0 12px;font-size:
 table{border-collapse:collapse;width:100%;font-size:13px} th,td{border-bottom:1px solid #e2e8f0;padding:6px 8px;text-align:left;vertical-align:top}
 th{background:#f7fafc;font-weight:600} td.nowrap{white-space:nowrap} code{font-size:12px}
 .badge{display:inline-block;border-radius:9px;padding:0 7px;margin-right:3px;font-size:11px;background:#e2e8f0}
+svg.curve{display:block} svg.curve polyline{fill:none;stroke:#2b6cb0;stroke-width:1.5}
 .champion{background:#c6f6d5;color:#22543d}.challenger{background:#feebc8;color:#7b341e}
 .success{color:#2f855a}.failed{color:#c53030}.running,.queued{color:#2b6cb0}
 .warn{background:#fff5f5;border:1px solid #feb2b2;padding:8px;margin-bottom:12px;border-radius:4px}
@@ -36,7 +37,7 @@ def render(ov: Overview, airflow_root: str = "") -> str:
         body.append('<p class="muted">No loraflow runs yet: trigger the <code>loraflow_finetune</code> DAG.</p>')
     else:
         body.append("<table><thead><tr><th>DAG run</th><th>State</th><th>Started</th><th>Model</th><th>Version</th>"
-                    "<th>Aliases</th><th>Metrics</th><th>Lineage</th><th>MLflow</th></tr></thead><tbody>")
+                    "<th>Aliases</th><th>Metrics</th><th>Train loss</th><th>Lineage</th><th>MLflow</th></tr></thead><tbody>")
         body += [_row(r, airflow_root) for r in ov.rows]
         body.append("</tbody></table>")
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>loraflow</title>"
@@ -51,7 +52,7 @@ def _row(r: RunRow, airflow_root: str) -> str:
     lead = [run_cell, state, f'<span style="white-space:nowrap">{escape(r.started or "-")}</span>']
     if not r.versions:
         return "<tr>" + "".join(f"<td>{c}</td>" for c in lead) + \
-            f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="5">no version registered</td></tr>'
+            f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="6">no version registered</td></tr>'
     out = []
     for i, v in enumerate(r.versions):
         cells = lead if i == 0 else ["", "", ""]
@@ -64,5 +65,27 @@ def _row(r: RunRow, airflow_root: str) -> str:
         mlflow = (f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
                    f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
-                   f"<td>{metrics}</td><td>{lineage}</td><td>{mlflow}</td></tr>")
+                   f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td><td>{lineage}</td><td>{mlflow}</td></tr>")
     return "".join(out)
+
+
+def loss_curve(points: list[list[float]], width: int = 140, height: int = 36) -> str:
+    """An inline SVG line of train loss per logging step, its first and last values beside it."""
+    pts = [(float(x), float(y)) for x, y in points if y == y]  # NaN-free
+    if len(pts) < 2:
+        return '<span class="muted">-</span>'
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 2
+
+    def sx(x):
+        return pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+
+    def sy(y):
+        return pad + (y1 - y) / ((y1 - y0) or 1) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+    label = f"train loss {ys[0]:.4g} to {ys[-1]:.4g} over {int(x1)} steps ({len(pts)} points)"
+    return (f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{escape(label)}"><title>{escape(label)}</title><polyline points="{line}"/></svg>'
+            f'<span class="muted">{ys[0]:.3g} &rarr; {ys[-1]:.3g}</span>')
