@@ -158,13 +158,43 @@ def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: 
     for i in range(0, max(len(plist), 1), 100):
         mc.log_batch(run_id, params=plist[i:i + 100], metrics=mlist if i == 0 else [])
     out = workspace / "output"
+    if not mc.get_metric_history(run_id, "loss"):  # a retried register does not log the curves twice
+        history = metric_history(out)
+        for i in range(0, len(history), 1000):
+            mc.log_batch(run_id, metrics=history[i:i + 1000])
     mc.log_artifacts(run_id, str(out / "model"), "model")
-    for name in ("metrics.json", "metadata.json", "samples.jsonl", "dp_accounting.json"):
+    for name in ("metrics.json", "metadata.json", "samples.jsonl"):
         if (out / name).exists():
             mc.log_artifact(run_id, str(out / name))
     for name in ("data_report.json", "dataset_schema.json"):
         if (workspace / name).exists():
             mc.log_artifact(run_id, str(workspace / name), "data")
+
+
+# Per-step series from the trainer's events (output/events.jsonl) -> MLflow metric names. The
+# names are those of HF's own MLflow integration; the windowed throughput has its own name
+# because ``tokens_per_second`` is the run's overall figure in metrics.json.
+HISTORY_METRICS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+                   "tokens_per_second": "step_tokens_per_second", "eval_loss": "eval_loss"}
+
+
+def metric_history(output_dir: Path) -> list:
+    """One MLflow Metric per logging step and series, from events.jsonl (the last attempt wins a step)."""
+    from loraflow_trainer.progress import read_events
+    from mlflow.entities import Metric
+
+    points: dict[tuple[str, int], Metric] = {}
+    for ev in read_events(output_dir):
+        if ev.get("event") != "log" or not isinstance(ev.get("step"), int):
+            continue
+        if "train_runtime" in ev and "loss" not in ev:
+            continue  # the end-of-training summary, not a step
+        when = int(float(ev.get("time", 0)) * 1000)
+        for field, name in HISTORY_METRICS.items():
+            v = ev.get(field)
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                points[(name, ev["step"])] = Metric(name, float(v), when, ev["step"])
+    return [points[k] for k in sorted(points)]
 
 
 def _log_dataset(mc, run_id: str, workspace: Path, source: str, name: str) -> None:
@@ -258,8 +288,6 @@ def _alias_version(mc, name: str, alias: str):
 
 def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any) -> str:
     """challenger -> this version; champion -> this version if it beats the champion. Returns the champion."""
-    run_time: str | None = None,
-    gate: Any = None,
     mc.set_registered_model_alias(name, CHALLENGER, version)
     champion = _alias_version(mc, name, CHAMPION)
     if champion is None:
