@@ -7,7 +7,9 @@ params, no network when the model is local, and only these mounts: the run works
 read-only (job.json and the preprocessed dataset), its ``output/`` read-write, the model
 cache read-only (and a hub cache read-write when the model comes from the hub).
 Runtime ``local`` runs the same CLI as a subprocess (an argument list, never a shell) for
-machines without Docker. Either way the run first leases its GPUs (``loraflow.gpus``),
+machines without Docker. Either way the run first leases its GPUs (``loraflow.gpus``; the
+trainer is told them in ``LORAFLOW_GPUS`` and runs one process per GPU, and a multi-GPU
+container gets ``/dev/shm`` of at least ``LORAFLOW_SHM_PER_GPU`` per GPU),
 secrets from Airflow connections reach the trainer only through its environment
 (``private_environment``), the trainer's lines stream into the task log and its exit
 status becomes a task error that names the cause.
