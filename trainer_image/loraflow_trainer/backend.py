@@ -353,7 +353,7 @@ class HuggingFaceBackend(TrainingBackend):
         prompt_source = self.job.resolve(d.eval_path or d.train_path, self.job_dir)
         self.sample_prompts = data_mod.prompts_for_samples(
             self.job, prompt_source, self.tokenizer, self.job.evaluation.num_sample_generations
-        )
+        ) if d.eval_path or not self.job.privacy.dp_enabled else []  # DP: never copy training prompts into samples.jsonl
         progress.emit("data", train_examples=len(self.train_dataset), train_tokens=self.train_dataset.num_tokens(),
                       eval_examples=len(self.eval_dataset) if self.eval_dataset else 0)
 
@@ -401,7 +401,11 @@ class HuggingFaceBackend(TrainingBackend):
                 per_device_train_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps,
                 gradient_accumulation_steps=1,
                 max_grad_norm=0.0,
+                # The Poisson sampler resumes its own batch sequence from the checkpoint.
+                ignore_data_skip=True,
             )
+            if not self.job.privacy.dp_log_train_metrics:
+                args["include_num_input_tokens_seen"] = "no"  # token counts of private batches, without noise
         args.update(overrides)
         return TrainingArguments(**args)
 
@@ -447,6 +451,7 @@ class HuggingFaceBackend(TrainingBackend):
         self.results.update(self.evaluate())  # every rank: eval batches are sharded across them
         if self.job.privacy.dp_enabled:
             self.results.update(self.trainer.privacy_report())
+            self.results = self.trainer.public_metrics(self.results)
         progress.emit("metrics", **self.results)
         if self.strategy == "fsdp":
             self._gather_fsdp_model()  # a collective: every rank, before rank 0 writes alone
@@ -545,6 +550,10 @@ class HuggingFaceBackend(TrainingBackend):
                 for prompt, before, after in zip(self.sample_prompts, self.samples_before or [""] * len(samples_after), samples_after):
                     f.write(json.dumps({"prompt": prompt, "before": before, "after": after}) + "\n")
             (staging / "metrics.json").write_text(json.dumps(self.results, indent=2))
+            if self.job.privacy.dp_enabled:
+                from loraflow_trainer.dp import ACCOUNTING_FILE
+
+                (staging / ACCOUNTING_FILE).write_text(json.dumps(self.trainer.accounting_record(), indent=2))
             (staging / "dataset_schema.json").write_text(json.dumps(self._dataset_schema(), indent=2))
             (staging / "metadata.json").write_text(json.dumps(self._metadata(staging), indent=2))
 

@@ -89,7 +89,11 @@ def preflight(job: JobSpec, job_dir: Path) -> None:
     for p in (job.data.train_path, job.data.eval_path):
         path = job.resolve(p, job_dir)
         if path is not None:
-            read_rows(job, path)
+            rows = read_rows(job, path)
+            if p == job.data.train_path and job.privacy.dp_enabled:
+                # On the rows here, before any model loads; the trainer checks again on the examples kept.
+                t = job.training
+                job.privacy.check_dataset(len(rows), t.per_device_train_batch_size * t.gradient_accumulation_steps)
 
 
 def load_examples(job: JobSpec, path: Path, tokenizer) -> list[dict[str, list[int]]]:

@@ -109,8 +109,36 @@ class TrainingSpec(_Section):
 class PrivacySpec(_Section):
     dp_enabled: bool = Field(False, description="Train with DP-SGD (Opacus).")
     dp_target_epsilon: float = Field(8.0, gt=0.0, le=1000.0)
-    dp_delta: float | None = Field(None, gt=0.0, lt=1.0, description="Empty means 1 / n_train^1.1.")
+    dp_delta: float | None = Field(None, gt=0.0, lt=1.0, description="Empty means 1 / n_train^1.1; must be below 1 / n_train.")
     dp_max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample gradient clipping norm.")
+    dp_reproducible: bool = Field(
+        False, description="Draw the DP batches and noise from seed, so the run can be repeated exactly; seed is public "
+        "(job.json, MLflow), so the batches are too. Off draws them from the OS's secure random source.")
+    dp_log_train_metrics: bool = Field(
+        False, description="Log and save a DP run's training loss, gradient norm and token counts; they are computed "
+        "from the private batches without noise, so they are outside the DP guarantee.")
+
+    def delta_for(self, n: int) -> float:
+        """dp_delta, or the default 1 / n^1.1 for n training examples."""
+        return self.dp_delta or 1.0 / (n**1.1)
+
+    def check_dataset(self, n: int, logical_batch: int) -> None:
+        """Refuse a delta or batch the DP accountant's assumptions do not hold for, given n
+        training examples (torch-free, so it runs before any model loads)."""
+        if n < 2:
+            raise JobSpecError(f"DP-SGD needs at least 2 training examples, the data has {n}; add data or turn dp_enabled off")
+        if logical_batch >= n:
+            raise JobSpecError(
+                f"the DP batch (per_device_train_batch_size x gradient_accumulation_steps = {logical_batch}) must be smaller "
+                f"than the {n} training examples: each example joins a step with probability batch / n, which must be "
+                "below 1 for subsampling to protect anyone; lower the batch or add data"
+            )
+        if self.dp_delta is not None and self.dp_delta >= 1.0 / n:
+            raise JobSpecError(
+                f"dp_delta {self.dp_delta:g} is not below 1/n = {1.0 / n:.3g} for the n = {n} training examples: a delta "
+                f"that large allows publishing an example outright; leave dp_delta empty for the default 1/n^1.1 = "
+                f"{1.0 / n**1.1:.3g}, or set one below 1/n"
+            )
 
 
 class EvalSpec(_Section):
