@@ -109,7 +109,30 @@ def verify_outputs(output_dir: Path) -> dict[str, Any]:
         h = hashlib.sha256(path.read_bytes()).hexdigest()
         if h != expected:
             raise RegistryError(f"{path} does not match its checksum in metadata.json (corrupted or altered); re-run the train task")
+    check_privacy(output_dir)
     return metadata
+
+
+def check_privacy(output_dir: Path) -> None:
+    """Refuse a DP-SGD run whose recorded epsilon exceeds its target, or that has no accounting.
+
+    The trainer never writes such outputs; this guards the registry against older trainers
+    and hand-made output directories, so no version over its privacy target is registered.
+    """
+    metrics_path, accounting_path = output_dir / "metrics.json", output_dir / "dp_accounting.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if "epsilon" not in metrics and not accounting_path.exists():
+        return  # not a DP run
+    if not accounting_path.exists():
+        raise RegistryError(f"{output_dir} reports epsilon but has no dp_accounting.json, so the privacy spent cannot be "
+                            "checked; re-run the train task with this loraflow version")
+    accounting = json.loads(accounting_path.read_text())
+    target = float(accounting.get("target_epsilon", metrics.get("dp_target_epsilon", math.inf)))
+    for where, eps in (("dp_accounting.json", accounting.get("epsilon")), ("metrics.json", metrics.get("epsilon"))):
+        if eps is None or not math.isfinite(float(eps)) or float(eps) > target * (1 + 1e-9):
+            raise RegistryError(f"{output_dir}/{where} records epsilon {eps} over the target {target:g}: a version over its "
+                                "privacy target is never registered; retrain within the budget (lower max_steps or raise "
+                                "dp_target_epsilon)")
 
 
 def find_version(mc, name: str, tag: str, value: str):
@@ -163,7 +186,7 @@ def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: 
         for i in range(0, len(history), 1000):
             mc.log_batch(run_id, metrics=history[i:i + 1000])
     mc.log_artifacts(run_id, str(out / "model"), "model")
-    for name in ("metrics.json", "metadata.json", "samples.jsonl"):
+    for name in ("metrics.json", "metadata.json", "samples.jsonl", "dp_accounting.json"):
         if (out / name).exists():
             mc.log_artifact(run_id, str(out / name))
     for name in ("data_report.json", "dataset_schema.json"):
