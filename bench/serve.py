@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -130,7 +131,7 @@ def main() -> None:
     stack = LocalStack(home=home, repo=common.REPO, mlflow_port=free_port(), airflow_port=free_port())
     procs: list[subprocess.Popen] = []
     try:
-        stack.start_mlflow()
+        stack.start_mlflow(timeout=600)  # minutes on a loaded machine
         version = train_and_register(stack, home, 2 if args.smoke else 8)
         env = {**os.environ, **stack.env(), "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         lf_port, ml_port = free_port(), free_port()
@@ -182,6 +183,7 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         stack.stop_all()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -385,7 +386,8 @@ def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineag
     tags = {SOURCE_MODEL: info["name"], SOURCE_VERSION: info["version"], EXPORT_FORMAT: lineage["format"],
             registry.BASE_REF: str(base.get("name") or base.get("id") or ""), registry.BASE_SHA256: str(base.get("sha256") or ""),
             registry.RUN_KEY: f"export/{source}/{lineage['format']}"}
-    with talking_to(uri):
+    # MLflow prints run links on stdout; the CLI's stdout is its --json answer.
+    with talking_to(uri), contextlib.redirect_stdout(sys.stderr):
         with contextlib.suppress(MlflowException):
             found = registry.find_version(mc, name, registry.RUN_KEY, tags[registry.RUN_KEY])
             if found:
