@@ -176,3 +176,26 @@ def test_impossible_device_requests_are_refused_before_the_model_loads(make_job,
     assert proc.returncode == code, proc.stderr[-2000:]
     assert expected in proc.stderr
     assert "HuggingFaceBackend" not in proc.stdout  # refused before the backend started
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(make_job, tmp_path):
+    """docker stop sends SIGTERM to the launcher; every rank checkpoints the same step and the run exits 130."""
+    job = _job(make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40, save_steps=100)
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=job.parent, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                ranks = [p for p in _descendants(proc.pid) if _rank_of(p) is not None]
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.stdout.read()
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == errors.EXIT_INTERRUPTED, proc.stderr.read()[-3000:]
+    [checkpoint] = list((job.parent / "output" / "checkpoints").glob("checkpoint-*"))
+    assert (checkpoint / "trainer_state.json").exists()
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert len(ranks) == 2 and not any(_alive(p) for p in ranks)
