@@ -91,6 +91,7 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
         raise errors.DataError("this run has no eval set, so there is nothing to compare on; set eval_fraction above 0 or give eval_dataset_path")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _require_metric_libraries()
     from loraflow_trainer import behaviour
     from loraflow_trainer import data as data_mod
 
@@ -276,6 +277,17 @@ def generation_metrics(outputs: list[str], references: list[str]) -> dict[str, f
         rl += s["rougeL"].fmeasure
     n = len(references)
     return {"exact_match": em / n, "rouge1_f": r1 / n, "rougeL_f": rl / n}
+
+
+def _require_metric_libraries() -> None:
+    """Fail before the model loads when the image predates evaluate's dependencies."""
+    import importlib.util
+
+    missing = [pkg for mod, pkg in (("rouge_score", "rouge-score"), ("jsonschema", "jsonschema")) if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise errors.LoraflowTrainerError(
+            f"{', '.join(missing)} not installed in the trainer environment; rebuild the trainer image "
+            f"(scripts/build-trainer-image.sh) or pip install 'loraflow-trainer[train]'")
 
 
 def _interrupt(signum, frame):
