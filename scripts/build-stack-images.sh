@@ -13,7 +13,8 @@
 # from it alone), PIP_INDEX_URL / proxies passed through as build args.
 # Idempotent: an image whose loraflow.content label matches its inputs is kept.
 #   LORAFLOW_BASE_IMAGE (default loraflow-base:bookworm), FORCE=1 (rebuild these images),
-#   LORAFLOW_SKIP_TRAINER=1 (leave the trainer image alone).
+#   LORAFLOW_SKIP_TRAINER=1 (leave the trainer image alone), LORAFLOW_STACK_ONLY="airflow mlflow"
+#   (build only the images so named, e.g. after editing the plugin).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,7 +58,10 @@ COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 # inputs (files, build args, base image id) hash to the label the image already carries.
 build() {
   local image="$1" dockerfile="$2"; shift 2
-  local content start=$SECONDS log
+  local content start=$SECONDS log name="${image%%:*}"
+  if [ -n "${LORAFLOW_STACK_ONLY:-}" ] && [[ " $LORAFLOW_STACK_ONLY " != *" ${name#loraflow-} "* ]]; then
+    return 0
+  fi
   content="$( { echo "${common_args[*]} $(docker image inspect -f '{{.Id}}' "$BASE" 2>/dev/null)";
     cat "$dockerfile"; find "$@" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 2>/dev/null | sort -z | xargs -0 -r cat; } | sha256sum | cut -c1-16)"
   if [ "${FORCE:-0}" != "1" ] && \
@@ -68,7 +72,7 @@ build() {
   fi
   log="build/docker-build-$(echo "$image" | tr ':/' '--').log"
   echo "stack images: building $image ($dockerfile on $BASE)"
-  if ! DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build "${common_args[@]}" --build-arg "GIT_COMMIT=$COMMIT" \
+  if ! DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build --force-rm "${common_args[@]}" --build-arg "GIT_COMMIT=$COMMIT" \
        --label "loraflow.content=$content" -f "$dockerfile" -t "$image" . >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "loraflow: building $image failed; the whole log is in $log." >&2
