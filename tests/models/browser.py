@@ -1,95 +1,67 @@
-"""A headless Chromium (Debian's /usr/bin/chromium) driven over the DevTools protocol.
+"""A headless Chromium for the tests: playwright's Python package driving Debian's /usr/bin/chromium.
 
-Just enough of a browser for the tests: set a cookie, open a URL, wait for a condition in
-the page, read text, take a screenshot. No browser download, no Node.
+No browser download (``executable_path`` points at the system Chromium, installed by
+scripts/install-system-deps.sh). ``Browser`` keeps the small interface the UI tests use
+(cookie, open, wait for a JS condition, read, screenshot); ``page`` is the playwright page
+for the tests that click and type.
 """
 
 from __future__ import annotations
 
-import base64
-import itertools
-import json
 import shutil
-import subprocess
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--remote-debugging-port=0", "--remote-allow-origins=*"]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 class Browser:
     def __init__(self, width: int = 1280, height: int = 720):
-        self.profile = Path(tempfile.mkdtemp(prefix="loraflow-chromium-"))
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port = self._devtools_port()
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/json/new?about:blank", method="PUT"), timeout=10) as r:
-            target = json.load(r)
-        from websockets.sync.client import connect
+        from playwright.sync_api import sync_playwright
 
-        self.ws = connect(target["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024, open_timeout=10)
-        self._ids = itertools.count(1)
-        self.send("Page.enable")
-        self.send("Network.enable")
-
-    def _devtools_port(self, timeout: float = 30) -> int:
-        marker = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker.exists() and marker.read_text().strip():
-                return int(marker.read_text().split()[0])
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {self.proc.returncode}")
-            time.sleep(0.2)
-        raise RuntimeError("chromium did not open its DevTools port")
-
-    def send(self, method: str, **params):
-        msg_id = next(self._ids)
-        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == msg_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
+        self._playwright = sync_playwright().start()
+        try:
+            self.browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            self.context = self.browser.new_context(viewport={"width": width, "height": height})
+            self.page = self.context.new_page()
+        except BaseException:
+            self._playwright.stop()
+            raise
 
     def set_cookie(self, url: str, name: str, value: str) -> None:
-        self.send("Network.setCookie", url=url, name=name, value=value, path="/")
+        self.context.add_cookies([{"name": name, "value": value, "url": url}])
+
+    def login(self, base: str, username: str, password: str) -> None:
+        """Sign in through Airflow's own login page, as a person does."""
+        self.page.goto(f"{base}/auth/login")
+        self.page.fill("input[name=username]", username)
+        self.page.fill("input[name=password]", password)
+        self.page.get_by_role("button", name="Sign in").click()
+        self.page.wait_for_url(lambda url: "/auth/login" not in url)
 
     def open(self, url: str) -> None:
-        self.send("Page.navigate", url=url)
+        self.page.goto(url)
 
     def js(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result.get("result", {}).get("value")
+        return self.page.evaluate(expression)
 
     def wait_for(self, expression: str, timeout: float = 60):
         """Poll a JS expression until it is truthy; return its value (or raise with the page text)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {expression!r}; page text: {self.js('document.body && document.body.innerText')!r}")
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            return self.page.wait_for_function(expression, timeout=timeout * 1000, polling=500).json_value()
+        except PlaywrightTimeout:
+            text = self.js("document.body && document.body.innerText")
+            raise AssertionError(f"timed out waiting for {expression!r}; page text: {text!r}") from None
 
     def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", format="png")["data"]
-        path.write_bytes(base64.b64decode(data))
+        self.page.screenshot(path=str(path))
         return path
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self.browser.close()
         finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            shutil.rmtree(self.profile, ignore_errors=True)
+            self._playwright.stop()
