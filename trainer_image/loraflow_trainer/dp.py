@@ -390,7 +390,8 @@ class OpacusDPTrainer(Trainer):
         modes = {a["randomness"] for a in self.attempts}
         return {
             "epsilon": epsilon, "delta": float(self.delta), "dp_target_epsilon": float(self.target_epsilon),
-            "dp_noise_multiplier": float(self.noise_multiplier), "dp_sample_rate": float(self.sample_rate),
+            "dp_noise_multiplier": float(history[-1][0] if history else self.noise_multiplier),
+            "dp_sample_rate": float(self.sample_rate),
             "dp_steps": int(sum(k for _, _, k in history)), "dp_segments": len(history),
             "dp_history": [list(h) for h in history],
             "dp_randomness": modes.pop() if len(modes) == 1 else "mixed",
