@@ -130,7 +130,9 @@ def relaunch(job_path: Path, p: Plan) -> int:
     visible = {k: os.environ[k] for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", ENV_LEASED_GPUS) if k in os.environ}
     progress.emit("launch", launcher="torchrun", **asdict(p), devices=visible)
     args = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={p.world_size}", "--max-restarts=0", "--monitor-interval=0.5",
+        # One node: rendezvous over loopback (a container without a network cannot resolve its own hostname).
+        "--standalone", "--local-addr=127.0.0.1", f"--nproc-per-node={p.world_size}", "--max-restarts=0",
+        "--monitor-interval=0.5",
         "-m", "loraflow_trainer", "--job", str(job_path),
     ])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.world_size)))
