@@ -62,7 +62,7 @@ def scheduled_airflow(stack, mlflow_server, tiny_model, tmp_path_factory):
                    env=env, check=True, cwd=REPO)
     procs = []
     for component in ("api-server", "scheduler", "dag-processor"):
-        extra = ["--port", str(own.airflow_port), "--workers", "1"] if component == "api-server" else []
+        extra = ["--host", "127.0.0.1", "--port", str(own.airflow_port), "--workers", "1"] if component == "api-server" else []
         with (home / f"{component}.log").open("wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "airflow", component, *extra], env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))

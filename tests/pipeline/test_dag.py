@@ -231,6 +231,8 @@ def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag,
     assert aliases(mlflow_client, name) == {"champion": v1.version, "challenger": v1.version}
     assert mlflow_client.get_run(v1.run_id).info.status == "FINISHED"
     assert (ws / "output" / "_SUCCESS").exists()
+    # The loss curve went to MLflow once through the retries: one point per step.
+    assert sorted(m.step for m in mlflow_client.get_metric_history(v1.run_id, "loss")) == [1, 2, 3, 4]
 
 
 def test_an_unreachable_mlflow_is_a_retryable_error_that_names_the_fix():
