@@ -165,15 +165,18 @@ def main() -> None:
                     "p50_ms": 1000 * statistics.median(r["latencies"]), "p95_ms": 1000 * pct(r["latencies"], 0.95)}
                    for (label, c), r in rows.items()]
         texts = list(same.values())
+        differ = [{"prompt": p, **dict(zip(same, pair))} for p, *pair in zip(prompts, *texts) if pair[0] != pair[1]]
         report = {"version": f"{NAME}/{version}", "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                  "same_completions": texts[0] == texts[1], "load_average_at_start": os.getloadavg()[0],
+                  "same_completions": not differ, "differing": differ[:3], "load_average_at_start": os.getloadavg()[0],
                   "machine": common.machine(), "results": results}
         common.RESULTS.mkdir(parents=True, exist_ok=True)
         (common.RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
         print("| server | clients | requests | requests/s | p50 ms | p95 ms |\n|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
-        print(f"same completions from both: {report['same_completions']}; load average at start {report['load_average_at_start']:.1f}")
+        print(f"same completions from both: {len(prompts) - len(differ)}/{len(prompts)}; load average at start {report['load_average_at_start']:.1f}")
+        for d in differ[:3]:
+            print(f"  differs: {json.dumps(d, ensure_ascii=False)}")
     finally:
         for p in procs:
             if p.poll() is None:
