@@ -1,4 +1,4 @@
-"""loraflow_finetune: check data -> preprocess -> [skip if seen] -> train -> register, teardown always.
+"""loraflow_finetune: check data -> preprocess -> [skip if seen] -> train -> evaluate -> register, teardown always.
 
 Wiring only; what each task does lives in plugins/loraflow (tasks.py, operators.py).
 """
@@ -12,6 +12,7 @@ from airflow.sdk import DAG, task
 
 from loraflow import docs, gpus, params, schedule, tasks
 from loraflow.links import MlflowRunLink
+from loraflow.evaluate_operator import LoraflowEvaluateOperator
 from loraflow.operators import LoraflowTrainOperator
 
 with DAG(
@@ -66,9 +67,16 @@ with DAG(
         pool=gpus.pool_name(),  # one slot per GPU: extra runs queue here (loraflow.gpus)
         execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
     )
+    evaluate = LoraflowEvaluateOperator(  # the new adapter and the champion on this run's eval set
+        task_id="evaluate",
+        workspace="{{ ti.xcom_pull(task_ids='prepare') }}",
+        pool=gpus.pool_name(),
+        execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
+    )
     registered = register(ws, train.output)
     registered.operator.operator_extra_links = (MlflowRunLink(),)
     checked >> prepped >> gate >> train
+    train >> evaluate >> registered  # register's gate decides from evaluate's eval.json
     cleanup = teardown(ws).as_teardown(setups=ws)
     registered >> cleanup
     cleanup >> outcome()  # the run's state: failed if any task it needed failed (Airflow reads only leaves)

@@ -131,8 +131,12 @@ class LoraflowTrainOperator(DockerOperator):
 
     # -- local -----------------------------------------------------------------------
 
+    def local_command(self, pipeline: Pipeline) -> list[str]:
+        """The local runtime's argument list (the evaluate operator runs another entry point)."""
+        return [*trainer_command(), "--job", str(Path(pipeline.workspace) / "job.json")]
+
     def _execute_local(self, pipeline: Pipeline, lease: gpus.GpuLease) -> dict[str, Any]:
-        cmd = [*trainer_command(), "--job", str(Path(pipeline.workspace) / "job.json")]
+        cmd = self.local_command(pipeline)
         self.log.info("loraflow: running the trainer locally: %s (GPUs: %s)", cmd, lease.visible or "none")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **secrets.trainer_env()}
         if lease.ids is not None:

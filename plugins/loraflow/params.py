@@ -92,6 +92,31 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
         "section": "Registry", "title": "Promotion metric",
         "description": "The new version becomes champion only if it is lower than the champion's on this metric.",
     },
+    "gate_margin": {
+        "default": 0.0, "type": "number", "minimum": 0.0, "maximum": 100.0,
+        "section": "Registry", "title": "Gate margin",
+        "description": "Champion moves only if the paired bootstrap 95% interval of the per-example eval loss improvement over the champion, on this run's eval set, lies wholly above this many nats (the evaluate task scores both).",
+    },
+    "allow_behaviour_regressions": {
+        "default": False, "type": "boolean",
+        "section": "Registry", "title": "Allow behaviour regressions",
+        "description": "Promote even if the new version fails a behaviour case the champion passes.",
+    },
+    "behaviour_suite_path": {
+        "default": None, "type": ["null", "string"], "maxLength": 4096,
+        "section": "Evaluation", "title": "Behaviour suite",
+        "description": "Optional JSONL under an allowed data root: one case per line, a prompt with checks (must_contain, must_not_contain, regex, json_schema, max_length); each case is run on the new version and the champion.",
+    },
+    "evaluate_base": {
+        "default": False, "type": "boolean",
+        "section": "Evaluation", "title": "Also score the base model",
+        "description": "The evaluate task also scores the base model with no adapter (reported, not gated).",
+    },
+    "max_epsilon": {
+        "default": None, "type": ["null", "number"], "exclusiveMinimum": 0.0, "maximum": 1000.0,
+        "section": "Privacy", "title": "Max epsilon (policy)",
+        "description": "Privacy policy for DP runs: a version whose reported epsilon exceeds this is never champion. Empty: no policy.",
+    },
     "runtime": {
         "default": None, "type": ["null", "string"], "enum": [None, "local", "docker"],
         "section": "Runtime", "title": "Runtime",

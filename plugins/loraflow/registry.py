@@ -36,6 +36,7 @@ GATE_METRIC = "loraflow.gate_metric"
 GATE_VALUE = "loraflow.gate_value"
 RUNTIME = "loraflow.runtime"
 PROMOTION_REASON = "loraflow.promotion_reason"
+ALIAS_NOTE = "loraflow.alias_note"  # why register left an alias where it was
 # Where a version came from, portably: the base as the model cache's name (or hub id@commit)
 # with its weights hash, and the code that trained it.
 BASE_REF = "loraflow.base_ref"
@@ -248,8 +249,14 @@ def register(
     tags: dict[str, str],
     gate_metric: str,
     dataset_source: str,
+    gate: Any = None,
 ) -> Registration:
-    """Log the run and register its model as a version of ``name``; move aliases. Idempotent."""
+    """Log the run and register its model as a version of ``name``; move aliases. Idempotent.
+
+    ``gate`` (a ``loraflow.gate.Decision`` from this run's evaluate task), when given, decides
+    the champion instead of comparing recorded ``gate_metric`` values; its numbers and
+    reason become version tags and an HTML report artifact of the run.
+    """
     from mlflow.exceptions import MlflowException
 
     out = workspace / "output"
@@ -275,7 +282,9 @@ def register(
             created = True
         else:
             version, created = existing, False
-        champion = _move_aliases(mc, name, version, gate_metric, metrics.get(gate_metric))
+        if gate is not None:
+            _log_gate(mc, run_id, name, version, workspace, gate)
+        champion, _notes = _move_aliases(mc, name, version, gate_metric, metrics.get(gate_metric), gate)
         aliases = sorted(mc.get_model_version(name, version).aliases)
     return Registration(name, version, run_id, aliases, champion, created)
 
@@ -309,22 +318,83 @@ def _alias_version(mc, name: str, alias: str):
         return None
 
 
-def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any) -> str:
-    """challenger -> this version; champion -> this version if it beats the champion. Returns the champion."""
-    mc.set_registered_model_alias(name, CHALLENGER, version)
-    champion = _alias_version(mc, name, CHAMPION)
-    if champion is None:
-        mc.set_registered_model_alias(name, CHAMPION, version)
-        mc.set_model_version_tag(name, version, PROMOTION_REASON, "first version")
-        return version
-    if champion.version == version:
-        return version
-    theirs = _gate_value(mc, champion, gate_metric)
-    if value is not None and (theirs is None or _better(float(value), theirs, gate_metric)):
-        mc.set_registered_model_alias(name, CHAMPION, version)
-        mc.set_model_version_tag(name, version, PROMOTION_REASON, f"{gate_metric} {float(value):.6g} beats v{champion.version}'s {theirs}")
-        return version
-    return champion.version
+def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any, gate: Any = None) -> tuple[str | None, list[str]]:
+    """challenger -> this version; champion -> this version if the gate (without one: the recorded metric) says so.
+
+    With a ``gate`` decision the champion moves only if the gate promotes against the
+    champion it was evaluated with. A version champion was rolled back from is never
+    promoted again here. Every move is logged (``aliases.move``); why champion stayed goes
+    in the version's ``loraflow.alias_note`` tag. Returns (champion, notes).
+    """
+    from loraflow import aliases as alias_log
+
+    mine = mc.get_model_version(name, version)
+    by = f"register of {(mine.tags or {}).get(RUN_KEY, 'v' + str(version))}"
+
+    def set_alias(alias: str, reason: str) -> None:
+        alias_log.move(mc, name, alias, version, by=by, kind="register", reason=reason)
+
+    notes: list[str] = []
+    challenger = _alias_version(mc, name, CHALLENGER)
+    if challenger is None or challenger.version != version:
+        set_alias(CHALLENGER, "newest registered version")
+    champion_mv = _alias_version(mc, name, CHAMPION)
+    champion = champion_mv.version if champion_mv else None
+    rolled_back = (mine.tags or {}).get(alias_log.ROLLED_BACK)
+    if champion_mv is None:
+        if gate is not None and not gate.promote:
+            notes.append(f"no champion set: {gate.reason}")
+        else:
+            reason = gate.reason if gate is not None else "first version"
+            set_alias(CHAMPION, reason)
+            mc.set_model_version_tag(name, version, PROMOTION_REASON, reason[:4900])
+            champion = version
+    elif champion_mv.version != version:
+        theirs = _gate_value(mc, champion_mv, gate_metric)
+        if rolled_back:
+            notes.append(f"champion stays on v{champion_mv.version}: champion was rolled back from v{version} ({rolled_back})")
+        elif gate is not None:
+            if gate.champion_version != champion_mv.version:
+                notes.append(f"champion stays on v{champion_mv.version}: evaluate compared with "
+                             f"{'v' + gate.champion_version if gate.champion_version else 'no champion'}, and the champion has moved since; "
+                             f"clear evaluate and register to compare again")
+            elif gate.promote:
+                set_alias(CHAMPION, gate.reason)
+                mc.set_model_version_tag(name, version, PROMOTION_REASON, gate.reason[:4900])
+                champion = version
+            else:
+                notes.append(f"champion stays on v{champion_mv.version}: {gate.reason}")
+        elif value is not None and (theirs is None or _better(float(value), theirs, gate_metric)):
+            reason = f"{gate_metric} {float(value):.6g} beats v{champion_mv.version}'s {theirs}"
+            set_alias(CHAMPION, reason)
+            mc.set_model_version_tag(name, version, PROMOTION_REASON, reason)
+            champion = version
+        else:
+            notes.append(f"champion stays on v{champion_mv.version}: {gate_metric} {value} does not beat its {theirs}")
+    if notes:
+        mc.set_model_version_tag(name, version, ALIAS_NOTE, "; ".join(notes)[:4900])
+    return champion, notes
+
+
+def _log_gate(mc, run_id: str, name: str, version: str, workspace: Path, gate: Any) -> None:
+    """The gate's decision as version tags, and eval.json plus the HTML report as run artifacts."""
+    import tempfile
+
+    from loraflow import gate as gate_mod
+
+    for key, value in gate.tags().items():
+        mc.set_model_version_tag(name, version, key, value)
+    out = workspace / "output"
+    ev = json.loads((out / "eval.json").read_text())
+    try:
+        losses = [m.value for m in metric_history(out) if m.key == "loss"]
+    except Exception:  # no per-step events from this trainer: the report has no curve
+        losses = []
+    mc.log_artifact(run_id, str(out / "eval.json"), "evaluation")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / Path(gate_mod.REPORT_ARTIFACT).name
+        report.write_text(gate_mod.report_html(gate, ev, name, version, losses))
+        mc.log_artifact(run_id, str(report), str(Path(gate_mod.REPORT_ARTIFACT).parent))
 
 
 def _gate_value(mc, mv, metric: str) -> float | None:

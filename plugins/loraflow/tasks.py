@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from loraflow import config, registry, secrets, workspace
+from loraflow import config, gate, registry, secrets, workspace
 from loraflow.errors import LoraflowError
 from loraflow.workspace import Pipeline
 
@@ -146,12 +146,19 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
     params = {**job.flat_params(), "dataset_path": pipeline.dataset_path, "eval_fraction": pipeline.eval_fraction,
               "eval_dataset_path": pipeline.eval_dataset_path or "",
               "registered_model_name": pipeline.registered_model_name, "promotion_metric": pipeline.promotion_metric,
-              "runtime": pipeline.runtime}
+              "runtime": pipeline.runtime, "gate_margin": pipeline.gate_margin, "max_epsilon": pipeline.max_epsilon,
+              "behaviour_suite_path": pipeline.behaviour_suite_path or ""}
+    # The promotion decision from the evaluate task's same-exam scores (None without eval.json).
+    decision = gate.from_workspace(Path(ws), margin=pipeline.gate_margin, max_epsilon=pipeline.max_epsilon,
+                                   dp_enabled=job.privacy.dp_enabled,
+                                   allow_behaviour_regressions=pipeline.allow_behaviour_regressions)
+    if decision is not None:
+        print(f"loraflow: gate: {'promote' if decision.promote else 'keep the champion'}: {decision.reason}")
     try:
         reg = registry.register(
             config.tracking_uri(), name=pipeline.registered_model_name, run_key=pipeline.run_key,
             workspace=Path(ws), params=params, tags=_lineage(pipeline, job, train_result),
-            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path,
+            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path, gate=decision,
         )
     except LoraflowError as exc:
         _fail(exc)

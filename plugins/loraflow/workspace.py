@@ -21,7 +21,7 @@ from typing import Any
 from loraflow_trainer import spec
 from loraflow_trainer.errors import JobSpecError
 
-from loraflow import config
+from loraflow import config, evaluation
 from loraflow.errors import ParamsError
 from loraflow.params import GPUS_PATTERN, MEMORY_PATTERN, MODEL_NAME_PATTERN, refuse_invalid, refuse_unknown, split
 
@@ -93,6 +93,12 @@ class Pipeline:
     base_model_host: str  # the base model as the Airflow host sees it (checks read its tokenizer)
     eval_dataset_path: str | None = None
     shm_size: str = "1g"
+    # the evaluate task and the promotion gate (loraflow.evaluation, loraflow.gate)
+    behaviour_suite_path: str | None = None
+    gate_margin: float = 0.0
+    max_epsilon: float | None = None
+    allow_behaviour_regressions: bool = False
+    evaluate_base: bool = False
 
     @property
     def run_key(self) -> str:
@@ -198,6 +204,7 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
         gpus=gpus, memory_limit=str(settings.get("memory_limit", "") or ""),
         shm_size=str(settings.get("shm_size", "1g") or ""),
         base_model_host=base_host, eval_dataset_path=str(eval_dataset) if eval_dataset else None,
+        **evaluation.settings(settings),
     )
     job.write(ws / "job.json")
     _write_json(ws / "pipeline.json", asdict(pipeline))
