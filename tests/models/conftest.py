@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +82,37 @@ def free_dead_uri() -> str:
     from loraflow.devstack import free_port
 
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def train_version(stack, mlflow_server, tiny_model, tmp_path_factory):
+    """Train the tiny model with ``loraflow-train`` (a few steps) and register it; returns the version.
+
+    Faster than a DAG run, for tests that need several versions of one model. ``models_root``
+    trains against a copy of the base in another model cache, as the container sees
+    ``/models/<name>``: the version records that path, which the host does not have.
+    """
+    from loraflow import registry
+
+    def _train(name: str, *, seed: int = 0, steps: int = 4, models_root: Path | None = None) -> str:
+        ws = tmp_path_factory.mktemp(f"ws-{name}")
+        base = tiny_model
+        if models_root is not None:
+            base = models_root / tiny_model.name
+            shutil.copytree(tiny_model, base)
+        (ws / "job.json").write_text(json.dumps({
+            "model": {"base_model": str(base)},
+            "data": {"train_path": str(SAMPLE_CHAT), "eval_path": str(SAMPLE_CHAT), "data_format": "chat"},
+            "training": {"max_steps": steps, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "max_seq_length": 128,
+                         "save_steps": 1000, "seed": seed},
+            "evaluation": {"num_sample_generations": 0},
+            "output_dir": "output"}))
+        env = {**os.environ, "LORAFLOW_MODELS": str(models_root or tiny_model.parent)}
+        proc = subprocess.run([str(Path(sys.executable).parent / "loraflow-train"), "--job", str(ws / "job.json")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reg = registry.register(mlflow_server, name=name, run_key=f"tests/{name}/{ws.name}", workspace=ws,
+                                params={"quantization": "none"}, tags={}, gate_metric="eval_loss", dataset_source=str(SAMPLE_CHAT))
+        return reg.version
+
+    return _train
