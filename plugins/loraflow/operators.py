@@ -33,7 +33,7 @@ from docker.types import DeviceRequest, Mount
 from docker.utils import parse_bytes
 from loraflow_trainer.errors import EXIT_KILLED, EXIT_MEANINGS, EXIT_OUT_OF_MEMORY
 
-from loraflow import config, gpus, secrets
+from loraflow import config, gpus, secrets, tasks
 from loraflow.errors import TrainingError
 from loraflow.links import MlflowRunLink
 from loraflow.workspace import Pipeline
@@ -124,6 +124,7 @@ class LoraflowTrainOperator(DockerOperator):
 
     def execute(self, context) -> dict[str, Any]:
         pipeline = Pipeline.load(self.workspace)
+        tasks.refuse_retrain_of_registered(pipeline, log=self.log.info)
         if pipeline.runtime == "local":
             with gpus.acquire(pipeline.gpus, log=self.log.info) as lease:
                 return self._execute_local(pipeline, lease)

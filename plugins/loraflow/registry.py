@@ -36,7 +36,6 @@ GATE_METRIC = "loraflow.gate_metric"
 GATE_VALUE = "loraflow.gate_value"
 RUNTIME = "loraflow.runtime"
 PROMOTION_REASON = "loraflow.promotion_reason"
-ALIAS_NOTE = "loraflow.alias_note"  # why register left an alias where it was
 # Where a version came from, portably: the base as the model cache's name (or hub id@commit)
 # with its weights hash, and the code that trained it.
 BASE_REF = "loraflow.base_ref"
@@ -45,6 +44,9 @@ LORAFLOW_VERSION = "loraflow.version"
 TRAINER_VERSION = "loraflow.trainer_version"
 GIT_COMMIT = "loraflow.git_commit"  # the plugin/DAG checkout that registered the version
 TRAINER_GIT_COMMIT = "loraflow.trainer_git_commit"  # the trainer source (local runs; docker: the image digest)
+RUN_TIME = "loraflow.run_time"  # the run's logical date (run_after when it has none): aliases move forward in it
+ADAPTER_SHA256 = "loraflow.adapter_sha256"  # digest of the registered output's checksums (metadata.json)
+ALIAS_NOTE = "loraflow.alias_note"  # why register left an alias where it was
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -96,6 +98,7 @@ class Registration:
     aliases: list[str]
     champion_version: str | None
     created: bool
+    notes: tuple[str, ...] = ()  # why an alias was not moved to this version
 
 
 def verify_outputs(output_dir: Path) -> dict[str, Any]:
@@ -134,6 +137,12 @@ def check_privacy(output_dir: Path) -> None:
             raise RegistryError(f"{output_dir}/{where} records epsilon {eps} over the target {target:g}: a version over its "
                                 "privacy target is never registered; retrain within the budget (lower max_steps or raise "
                                 "dp_target_epsilon)")
+
+
+def output_digest(metadata: dict[str, Any]) -> str:
+    """One digest of every file the trainer wrote (adapter/ and model/), from metadata.json's checksums."""
+    lines = "".join(f"{rel}\t{sha}\n" for rel, sha in sorted(metadata.get("checksums", {}).items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def find_version(mc, name: str, tag: str, value: str):
@@ -249,6 +258,7 @@ def register(
     tags: dict[str, str],
     gate_metric: str,
     dataset_source: str,
+    run_time: str | None = None,
     gate: Any = None,
 ) -> Registration:
     """Log the run and register its model as a version of ``name``; move aliases. Idempotent.
@@ -256,11 +266,16 @@ def register(
     ``gate`` (a ``loraflow.gate.Decision`` from this run's evaluate task), when given, decides
     the champion instead of comparing recorded ``gate_metric`` values; its numbers and
     reason become version tags and an HTML report artifact of the run.
+
+    ``run_time`` (the DAG run's logical date, ISO 8601) orders versions: aliases only move
+    forward in it (``_move_aliases``). A run that already has a version registers nothing
+    new, and refuses outright if the workspace's outputs are no longer the bytes that
+    version holds (its train task was re-run after it was registered).
     """
     from mlflow.exceptions import MlflowException
 
     out = workspace / "output"
-    verify_outputs(out)
+    digest = output_digest(verify_outputs(out))
     metrics = json.loads((out / "metrics.json").read_text())
     mc = client(uri)
     with reachable(uri):
@@ -274,19 +289,28 @@ def register(
                 mc.create_registered_model(name, description="LoRA adapters fine-tuned by loraflow")
             gate_value = metrics.get(gate_metric)
             version_tags = {RUN_KEY: run_key, **tags, GATE_METRIC: gate_metric,
-                            GATE_VALUE: "" if gate_value is None else str(gate_value)}
+                            GATE_VALUE: "" if gate_value is None else str(gate_value), ADAPTER_SHA256: digest,
+                            **({RUN_TIME: run_time} if run_time else {})}
             artifact_uri = mc.get_run(run_id).info.artifact_uri
             version_tags.update(cost.version_tags(metrics))  # devices, device/GPU-seconds, tokens/s per device, cost
             mv = mc.create_model_version(name, f"{artifact_uri}/model", run_id=run_id, tags=version_tags)
             version = _dedupe(mc, name, run_key, mv.version)
             created = True
         else:
+            _require_same_outputs(mc, uri, name, existing, digest, out)
             version, created = existing, False
         if gate is not None:
             _log_gate(mc, run_id, name, version, workspace, gate)
-        champion, _notes = _move_aliases(mc, name, version, gate_metric, metrics.get(gate_metric), gate)
+        champion, notes = _move_aliases(mc, name, version, gate_metric, metrics.get(gate_metric), gate)
         aliases = sorted(mc.get_model_version(name, version).aliases)
-    return Registration(name, version, run_id, aliases, champion, created)
+    return Registration(name, version, run_id, aliases, champion, created, tuple(notes))
+
+
+def registered_version(uri: str, name: str, run_key: str) -> str | None:
+    """The version this DAG run registered, if any (the train task asks before retraining)."""
+    mc = client(uri)
+    with reachable(uri):
+        return _existing_version(mc, name, run_key)
 
 
 def _existing_version(mc, name: str, run_key: str) -> str | None:
@@ -299,6 +323,28 @@ def _existing_version(mc, name: str, run_key: str) -> str | None:
             return None
         raise
     return found[0].version if found else None
+
+
+def _require_same_outputs(mc, uri: str, name: str, version: str, digest: str, out: Path) -> None:
+    """The registry never points at bytes other than the ones it holds: refuse a retrained workspace."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    mv = mc.get_model_version(name, version)
+    theirs = (mv.tags or {}).get(ADAPTER_SHA256)
+    if not theirs and mv.run_id:  # registered before the digest tag existed: read the run's metadata.json
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                theirs = output_digest(json.loads(Path(mc.download_artifacts(mv.run_id, "metadata.json", tmp)).read_text()))
+            except (OSError, ValueError, MlflowException):
+                theirs = None
+    if theirs and theirs != digest:
+        raise RegistryError(
+            f"{out} is not what version {version} of {name} holds (output digest {digest[:12]}, registered {theirs[:12]}): "
+            f"this run's train task was re-run after it was registered, and the registry keeps the bytes it registered; "
+            f"trigger a new DAG run to register a retrained adapter"
+        )
 
 
 def _dedupe(mc, name: str, run_key: str, version: str) -> str:
@@ -319,12 +365,14 @@ def _alias_version(mc, name: str, alias: str):
 
 
 def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any, gate: Any = None) -> tuple[str | None, list[str]]:
-    """challenger -> this version; champion -> this version if the gate (without one: the recorded metric) says so.
+    """challenger -> this version, champion -> this version if it beats the champion; forward only.
 
-    With a ``gate`` decision the champion moves only if the gate promotes against the
-    champion it was evaluated with. A version champion was rolled back from is never
-    promoted again here. Every move is logged (``aliases.move``); why champion stayed goes
-    in the version's ``loraflow.alias_note`` tag. Returns (champion, notes).
+    Neither alias moves to a version older than the one it is on (``_is_older``): clearing
+    and re-running register of an old run leaves both where they are. Each alias left in
+    place gets its reason in the version's ``loraflow.alias_note`` tag. With a ``gate``
+    decision the champion moves only if the gate promotes against the champion it was
+    evaluated with. A version champion was rolled back from is never promoted again here.
+    Every move is logged (``aliases.move``). Returns (champion, notes).
     """
     from loraflow import aliases as alias_log
 
@@ -336,22 +384,29 @@ def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any, gat
 
     notes: list[str] = []
     challenger = _alias_version(mc, name, CHALLENGER)
-    if challenger is None or challenger.version != version:
-        set_alias(CHALLENGER, "newest registered version")
+    if challenger is None or not _is_older(mine, challenger):
+        if challenger is None or challenger.version != version:
+            set_alias(CHALLENGER, "newest registered version")
+    else:
+        notes.append(f"challenger stays on v{challenger.version}: {_why_older(mine, challenger)}")
     champion_mv = _alias_version(mc, name, CHAMPION)
     champion = champion_mv.version if champion_mv else None
     rolled_back = (mine.tags or {}).get(alias_log.ROLLED_BACK)
     if champion_mv is None:
         if gate is not None and not gate.promote:
             notes.append(f"no champion set: {gate.reason}")
-        else:
+        elif challenger is None or not _is_older(mine, challenger):
             reason = gate.reason if gate is not None else "first version"
             set_alias(CHAMPION, reason)
             mc.set_model_version_tag(name, version, PROMOTION_REASON, reason[:4900])
             champion = version
+        else:
+            notes.append(f"no champion set: v{version} is older than the challenger v{challenger.version}")
     elif champion_mv.version != version:
         theirs = _gate_value(mc, champion_mv, gate_metric)
-        if rolled_back:
+        if _is_older(mine, champion_mv):
+            notes.append(f"champion stays on v{champion_mv.version}: {_why_older(mine, champion_mv)}")
+        elif rolled_back:
             notes.append(f"champion stays on v{champion_mv.version}: champion was rolled back from v{version} ({rolled_back})")
         elif gate is not None:
             if gate.champion_version != champion_mv.version:
@@ -373,6 +428,8 @@ def _move_aliases(mc, name: str, version: str, gate_metric: str, value: Any, gat
             notes.append(f"champion stays on v{champion_mv.version}: {gate_metric} {value} does not beat its {theirs}")
     if notes:
         mc.set_model_version_tag(name, version, ALIAS_NOTE, "; ".join(notes)[:4900])
+    elif ALIAS_NOTE in (mine.tags or {}):
+        mc.delete_model_version_tag(name, version, ALIAS_NOTE)
     return champion, notes
 
 
@@ -395,6 +452,32 @@ def _log_gate(mc, run_id: str, name: str, version: str, workspace: Path, gate: A
         report = Path(tmp) / Path(gate_mod.REPORT_ARTIFACT).name
         report.write_text(gate_mod.report_html(gate, ev, name, version, losses))
         mc.log_artifact(run_id, str(report), str(Path(gate_mod.REPORT_ARTIFACT).parent))
+
+
+def _order(mv) -> tuple:
+    from datetime import datetime
+
+    raw = (mv.tags or {}).get(RUN_TIME)
+    try:
+        when = datetime.fromisoformat(raw) if raw else None
+    except ValueError:
+        when = None
+    return when, int(mv.version)
+
+
+def _is_older(mv, other) -> bool:
+    """Whether ``mv`` comes before ``other``: by run time when both have one, else by creation (version number)."""
+    (t1, v1), (t2, v2) = _order(mv), _order(other)
+    if t1 is not None and t2 is not None and t1 != t2:
+        return t1 < t2
+    return v1 < v2
+
+
+def _why_older(mv, other) -> str:
+    (t1, _), (t2, _) = _order(mv), _order(other)
+    if t1 is not None and t2 is not None and t1 != t2:
+        return f"v{mv.version} is from the run of {t1.isoformat()}, older than v{other.version}'s run of {t2.isoformat()}"
+    return f"v{mv.version} was registered before v{other.version}"
 
 
 def _gate_value(mc, mv, metric: str) -> float | None:

@@ -158,14 +158,57 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
         reg = registry.register(
             config.tracking_uri(), name=pipeline.registered_model_name, run_key=pipeline.run_key,
             workspace=Path(ws), params=params, tags=_lineage(pipeline, job, train_result),
-            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path, gate=decision,
+            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path,
+            run_time=_run_time(context), gate=decision,
         )
     except LoraflowError as exc:
         _fail(exc)
+    (Path(ws) / REGISTERED_MARKER).write_text(json.dumps({"name": reg.name, "version": reg.version, "run_key": pipeline.run_key}))
     context["ti"].xcom_push(key="mlflow_run_id", value=reg.run_id)
     print(f"loraflow: registered {reg.name} version {reg.version} (aliases: {', '.join(reg.aliases) or 'none'}; "
           f"champion is v{reg.champion_version}; {'new' if reg.created else 'already registered by an earlier try'})")
+    for note in reg.notes:
+        print(f"loraflow: {note}")
     return reg.__dict__
+
+
+REGISTERED_MARKER = "registered.json"
+
+
+def _run_time(context) -> str | None:
+    """The DAG run's place in time: its logical date, or when it was due to run (manual runs may have no logical date)."""
+    dag_run = context.get("dag_run") if hasattr(context, "get") else None
+    when = getattr(dag_run, "logical_date", None) or getattr(dag_run, "run_after", None)
+    return when.isoformat() if when is not None else None
+
+
+def refuse_retrain_of_registered(pipeline: Pipeline, log=print) -> None:
+    """Refuse to train a DAG run that already has a registered version, before any GPU time.
+
+    Clearing ``train`` of a registered run could go two ways: retrain and register the new
+    adapter as a second version, or refuse. loraflow refuses. One DAG run is one version:
+    the run key is the idempotency key of both the MLflow run and the version, and the
+    version's artifacts live in that MLflow run, so a second version of the same run would
+    overwrite or shadow the bytes the first one holds. Retraining is a new DAG run with the
+    same conf, which gets its own run key, workspace and version. As a second line, register
+    refuses a workspace whose outputs differ from what the run's version holds
+    (``registry._require_same_outputs``).
+    """
+    marker = Path(pipeline.workspace) / REGISTERED_MARKER
+    version = json.loads(marker.read_text()).get("version") if marker.exists() else None
+    if version is None:
+        _mlflow_env()
+        try:
+            version = registry.registered_version(config.tracking_uri(), pipeline.registered_model_name, pipeline.run_key)
+        except LoraflowError as exc:  # register checks the bytes again, against the registry itself
+            log(f"loraflow: could not ask MLflow whether this run is registered ({exc}); training")
+            return
+    if version is not None:
+        _fail(LoraflowError(
+            f"this DAG run ({pipeline.run_key}) is already registered as version {version} of "
+            f"{pipeline.registered_model_name}, so its train task is not re-run: retraining would leave the workspace "
+            f"and the registry with different adapters; trigger a new DAG run with the same conf to retrain"
+        ))
 
 
 FAILED_STATES = ("failed", "upstream_failed")
