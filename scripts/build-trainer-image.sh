@@ -93,6 +93,19 @@ else
   # torch==X matches a local X+cpu wheel too (and pip prefers it): keep it out of a CUDA build.
   rm -f $CTX/wheelhouse/torch-*+cpu-*.whl
 fi
+# rouge-score (the evaluate task's ROUGE metrics) is published as an sdist only, and the image
+# installs wheels only (--only-binary): take its wheel from LORAFLOW_WHEELS, else build it here.
+ROUGE="$(sed -n 's/.*"rouge-score==\([^"]*\)".*/\1/p' $CTX/pyproject.toml | head -n1)"
+if [ -n "$ROUGE" ] && ! compgen -G "$CTX/wheelhouse/rouge_score-${ROUGE}-*.whl" >/dev/null; then
+  for whl in "$WHEELS"/rouge_score-"${ROUGE}"-*.whl; do [ -f "$whl" ] && cp -f "$whl" $CTX/wheelhouse/; done
+  if ! compgen -G "$CTX/wheelhouse/rouge_score-${ROUGE}-*.whl" >/dev/null; then
+    PIP_PY="$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3 )"
+    "$PIP_PY" -m pip wheel --quiet --no-deps "rouge-score==$ROUGE" -w $CTX/wheelhouse || {
+      echo "loraflow: could not build the rouge-score $ROUGE wheel (PyPI has only its sdist); put rouge_score-$ROUGE-py3-none-any.whl in $WHEELS" >&2
+      exit 1
+    }
+  fi
+fi
 echo "trainer image: context has $(ls $CTX/certs | wc -l) extra CA cert(s), $(ls $CTX/wheelhouse | wc -l) local wheel(s)"
 t_ctx=$SECONDS
 
