@@ -15,9 +15,15 @@ asset-triggered) use the DAG's ``gpus`` param default.
 
 from __future__ import annotations
 
+from airflow import settings
 from airflow.policies import hookimpl
 
 OPERATOR = "LoraflowTrainOperator"
+
+# Airflow 3.3 marks the hook "not a no-op" only when an airflow_local_settings.py defines
+# one; for entry-point policies it stays flagged no-op and DagRun creation bulk-inserts task
+# instances without calling it (found by tests/docker/test_multi_gpu.py: 1 slot, not 2).
+settings.task_instance_mutation_hook.is_noop = False
 
 
 @hookimpl
