@@ -369,6 +369,7 @@ SOURCE_MODEL = "loraflow.source_model"
 SOURCE_VERSION = "loraflow.source_version"
 EXPORT_FORMAT = "loraflow.export_format"
 MERGED_VERSION = "loraflow.merged_version"
+EXPORT_KEY = "loraflow.export_key"  # not the run key: an export is no DAG run, and the UI groups versions by run key
 
 
 def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineage: dict[str, Any]) -> dict[str, Any]:
@@ -385,11 +386,11 @@ def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineag
     base = lineage["base"].get("reference") or {}
     tags = {SOURCE_MODEL: info["name"], SOURCE_VERSION: info["version"], EXPORT_FORMAT: lineage["format"],
             registry.BASE_REF: str(base.get("name") or base.get("id") or ""), registry.BASE_SHA256: str(base.get("sha256") or ""),
-            registry.RUN_KEY: f"export/{source}/{lineage['format']}"}
+            EXPORT_KEY: f"{source}/{lineage['format']}"}
     # MLflow prints run links on stdout; the CLI's stdout is its --json answer.
     with talking_to(uri), contextlib.redirect_stdout(sys.stderr):
         with contextlib.suppress(MlflowException):
-            found = registry.find_version(mc, name, registry.RUN_KEY, tags[registry.RUN_KEY])
+            found = registry.find_version(mc, name, EXPORT_KEY, tags[EXPORT_KEY])
             if found:
                 return {"name": name, "version": str(found[0].version), "created": False}
         exp = mc.get_experiment_by_name(registry.experiment_name(info["name"]))
