@@ -41,6 +41,11 @@ _SPEC_PARAMS: dict[str, tuple[str, str, str]] = {
     "dp_enabled": ("Privacy", "Differential privacy", "Train with DP-SGD (Opacus); epsilon is reported in the metrics."),
     "dp_target_epsilon": ("Privacy", "Target epsilon", "Privacy budget to reach at the end of training (lower is more private)."),
     "dp_max_grad_norm": ("Privacy", "Per-sample clip norm", "DP-SGD clips each example's gradient to this norm."),
+    "dp_delta": ("Privacy", "Delta", "DP failure probability; empty means 1 / n^1.1 for n training examples, and it must be below 1 / n."),
+    "dp_reproducible": ("Privacy", "Reproducible DP batches", "Draw the DP batches and noise from the seed (public, so the batches are too); off uses the OS's secure random source."),
+    "dp_log_train_metrics": ("Privacy", "Log private train loss", "Log a DP run's training loss and gradient norm; they are computed on private batches without noise, outside the guarantee."),
+    "distributed": ("Runtime", "Multi-GPU strategy", "With more than one GPU: ddp replicates the model on each, fsdp shards it (models that do not fit one GPU); auto is ddp."),
+    "num_processes": ("Runtime", "Training processes", "Processes on the worker; empty means one per leased GPU (one on CPU). The effective batch is batch size x accumulation x processes."),
     "eval_steps": ("Evaluation", "Eval every", "Compute eval loss every N steps; empty evaluates at the end only."),
     "num_sample_generations": ("Evaluation", "Sample generations", "Prompts to generate from before and after training (samples.jsonl)."),
 }
@@ -90,7 +95,7 @@ _PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
     "promotion_metric": {
         "default": "eval_loss", "type": "string", "enum": ["eval_loss", "perplexity", "train_loss", "final_train_loss"],
         "section": "Registry", "title": "Promotion metric",
-        "description": "The new version becomes champion only if it is lower than the champion's on this metric.",
+        "description": "Used only when the evaluate task left no paired scores: the new version becomes champion only if it beats the champion's recorded value of this metric.",
     },
     "gate_margin": {
         "default": 0.0, "type": "number", "minimum": 0.0, "maximum": 100.0,

@@ -55,6 +55,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from loraflow_trainer import progress
 from loraflow_trainer.data import IGNORE_INDEX
 from loraflow_trainer.errors import JobSpecError, LoraflowTrainerError
 from loraflow_trainer.spec import PrivacySpec
@@ -202,11 +203,11 @@ class OpacusDPTrainer(Trainer):
         self.noise_generator: torch.Generator | None = None
         self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean")
         self._lora_before = {k: v.detach().clone() for k, v in self.model.named_parameters() if v.requires_grad}
-        print(json.dumps({
-            "event": "dp", "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-            "delta": self.delta, "planned_steps": self.planned_steps, "max_grad_norm": self.max_grad_norm,
-            "randomness": self.randomness, "train_metrics_logged": self.log_train_metrics,
-        }), flush=True)
+        progress.emit(
+            "dp", noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            delta=self.delta, planned_steps=self.planned_steps, max_grad_norm=self.max_grad_norm,
+            randomness=self.randomness, train_metrics_logged=self.log_train_metrics,
+        )
 
     def _attempt(self, start_step: int) -> dict[str, Any]:
         return {"start_step": start_step, "planned_steps": self.planned_steps, "noise_multiplier": self.noise_multiplier,
@@ -287,7 +288,7 @@ class OpacusDPTrainer(Trainer):
         if saved.get("randomness") != self.randomness:
             # A changed mode (or a checkpoint from before the key was saved) starts a fresh
             # independent sequence: valid for the accountant, recorded in the attempts.
-            print(json.dumps({"event": "dp_new_sampler", "reason": "the checkpoint's randomness differs", "step": done}), flush=True)
+            progress.emit("dp_new_sampler", reason="the checkpoint's randomness differs", step=done)
             return
         self.sampler.key = bytes.fromhex(saved["sampler_key"])
         state = saved.get("noise_generator_state")
@@ -317,8 +318,8 @@ class OpacusDPTrainer(Trainer):
                     f"dp_target_epsilon {self.target_epsilon:g}, which leaves nothing for {remaining} more; set max_steps "
                     f"to {done} to finish with what was trained, or raise dp_target_epsilon (a weaker guarantee)"
                 )
-            print(json.dumps({"event": "dp_recalibrated", "step": done, "spent_epsilon": spent, "remaining_steps": remaining,
-                              "old_noise_multiplier": keep, "noise_multiplier": sigma}), flush=True)
+            progress.emit("dp_recalibrated", step=done, spent_epsilon=spent, remaining_steps=remaining,
+                          old_noise_multiplier=keep, noise_multiplier=sigma)
         self.noise_multiplier = sigma
         if self.dp_optimizer is not None:
             self.dp_optimizer.noise_multiplier = sigma

@@ -159,6 +159,13 @@ _FORMATS = {
     "failed": lambda r: f"failed (exit {r['exit_code']}): {r['error']}",
     "warning": lambda r: f"warning: {r['message']}",
     "tiny_model": lambda r: f"tiny model written to {r['path']}",
+    "dp": lambda r: (f"DP-SGD: noise multiplier {_num(r['noise_multiplier'])}, sample rate {_num(r['sample_rate'])}, "
+                     f"delta {_num(r['delta'])}, {r['planned_steps']:,} steps planned, clip norm {_num(r['max_grad_norm'])}, "
+                     f"{r['randomness']} randomness" + ("" if r.get("train_metrics_logged") else "; private train loss not logged")),
+    "dp_new_sampler": lambda r: f"DP-SGD: fresh batch sampler from step {r['step']} ({r['reason']})",
+    "dp_recalibrated": lambda r: (f"DP-SGD: epsilon {_num(r['spent_epsilon'])} already spent; noise multiplier "
+                                  f"{_num(r['old_noise_multiplier'])} -> {_num(r['noise_multiplier'])} for the "
+                                  f"{r['remaining_steps']:,} remaining steps"),
 }
 
 
