@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import gc
-import hashlib
 import json
 import math
 import os
@@ -507,12 +506,8 @@ class HuggingFaceBackend(TrainingBackend):
         model = self._unwrapped_model()
         tok = self.tokenizer
         ids = data_mod.encode_prompts(self.job, self.sample_prompts, tok)
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            attention_mask[i, width - len(x):] = 1
+        padded, mask, width = data_mod.left_pad(ids, tok.pad_token_id)
+        input_ids, attention_mask = torch.tensor(padded, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
         was_training = model.training
         model.eval()
         try:
@@ -711,7 +706,7 @@ class HuggingFaceBackend(TrainingBackend):
             except Exception:  # optional at runtime: record what is there
                 pass
         checksums = {
-            str(p.relative_to(staging)): _sha256(p)
+            str(p.relative_to(staging)): base_model.file_sha256(p)
             for sub in ("adapter", "model") for p in sorted((staging / sub).rglob("*")) if p.is_file()
         }
         from loraflow_trainer import __version__
@@ -804,12 +799,3 @@ def _code_provenance(trainer_version: str) -> dict[str, str | None]:
 
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-

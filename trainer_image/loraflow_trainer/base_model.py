@@ -55,12 +55,12 @@ def weights_sha256(model_dir: Path) -> str:
         raise BaseModelError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it is not a saved model")
     key = (str(model_dir), *((f, (model_dir / f).stat().st_size, (model_dir / f).stat().st_mtime_ns) for f in files))
     if key not in _memo:
-        lines = "".join(f"{_file_sha256(model_dir / f)}  {f}\n" for f in files)
+        lines = "".join(f"{file_sha256(model_dir / f)}  {f}\n" for f in files)
         _memo[key] = hashlib.sha256(lines.encode()).hexdigest()
     return _memo[key]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

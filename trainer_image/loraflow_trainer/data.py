@@ -286,3 +286,11 @@ class ExampleDataset:
 
     def num_tokens(self) -> int:
         return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Prompts padded on the left to one width for batched generation: (input ids, attention
+    mask, width); generated tokens start at ``width`` in every row."""
+    width = max(map(len, ids))
+    return ([[pad_id] * (width - len(x)) + list(x) for x in ids],
+            [[0] * (width - len(x)) + [1] * len(x) for x in ids], width)

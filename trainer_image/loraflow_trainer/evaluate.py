@@ -221,18 +221,14 @@ def generate(model, tok, job, prompts: list[str], max_new_tokens: int, batch: in
     """Greedy completions (left padded, batched), decoded without special tokens."""
     import torch
 
-    from loraflow_trainer.data import encode_prompts
+    from loraflow_trainer.data import encode_prompts, left_pad
 
     outs: list[str] = []
     limit = job.training.max_seq_length
     for i in range(0, len(prompts), batch):
         ids = [x[-limit:] for x in encode_prompts(job, prompts[i:i + batch], tok)]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for j, x in enumerate(ids):
-            input_ids[j, width - len(x):] = torch.tensor(x)
-            mask[j, width - len(x):] = 1
+        padded, mask, width = left_pad(ids, tok.pad_token_id)
+        input_ids, mask = torch.tensor(padded, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
