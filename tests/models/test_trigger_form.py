@@ -210,6 +210,50 @@ def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progre
     assert browser.screenshot(tmp_path / "models-page.png").stat().st_size > 10_000  # the README's picture is test_ui's
 
 
+def _post(base: str, token: str, path: str, body: dict) -> tuple[int, dict | str]:
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_a_rest_conf_outside_the_form_fails_prepare_naming_every_key_and_nothing_runs(scheduled_airflow, stack):
+    """Through the REST API, skipping the form: Airflow accepts the conf (HTTP 200), and prepare
+    refuses it with one message naming each key the form does not have; no workspace, no
+    training. A value the form's schema refuses gets HTTP 400 before a run exists."""
+    base, token = scheduled_airflow, _token(scheduled_airflow)
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns"
+    before = _runs(base, token)
+    status, body = _post(base, token, path, {"logical_date": None, "conf": {"lora_r": 5000}})
+    assert status == 400 and "lora_r" in str(body), body
+    assert _runs(base, token) == before
+
+    conf = {"trust_remote_code": True, "prompt_column": "question", "train_path": "/etc/passwd", "no_such_setting": 1}
+    status, run = _post(base, token, path, {"logical_date": None, "conf": conf})
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+    quoted = urllib.parse.quote(run_id)
+    deadline = time.monotonic() + 600
+    while (state := _api(base, token, f"{path}/{quoted}")[1].get("state")) not in ("success", "failed"):
+        assert time.monotonic() < deadline, state
+        time.sleep(3)
+    tis = {t["task_id"]: t["state"] for t in _api(base, token, f"{path}/{quoted}/taskInstances")[1]["task_instances"]}
+    assert state == "failed" and tis["prepare"] == "failed", tis
+    assert tis["train"] != "success" and tis["register"] != "success", tis
+    status, log = _api(base, token, f"{path}/{quoted}/taskInstances/prepare/logs/1")
+    text = "\n".join(json.dumps(e) if isinstance(e, dict) else str(e) for e in log["content"])  # the error is in its fields
+    refusal = [line for line in text.splitlines() if "no_such_setting" in line]
+    assert refusal, text[-3000:]
+    assert all(key in refusal[0] for key in conf), refusal[0]  # one message names every key
+    from loraflow import workspace
+
+    folder = workspace.run_dir(DAG_ID, run_id)
+    assert not (stack.home / "runs" / folder.parent.name / folder.name).exists()  # prepare wrote nothing
+
+
 def test_a_missing_base_model_is_named_as_a_model_directory(stack, airflow_db):
     from loraflow import workspace
     from loraflow.errors import ParamsError
