@@ -88,7 +88,7 @@ def watch_first_container(docker_client, checks: dict) -> threading.Thread:
 
 
 def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_digest(
-        run_dag, mlflow_client, docker_client, trainer_image, monkeypatch, stack, capfd):
+        run_dag, mlflow_client, mlflow_server, docker_client, trainer_image, monkeypatch, stack, capfd):
     # Credentials as an operator keeps them: Airflow connections (here from the environment).
     monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_HF", json.dumps({"conn_type": "generic", "password": HF_SECRET}))
     monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_MLFLOW", json.dumps({"conn_type": "http", "login": "ci", "password": MLFLOW_SECRET}))
@@ -109,6 +109,15 @@ def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_d
     assert (ws / "output" / "adapter" / "adapter_model.safetensors").is_file()
     assert (ws / "output" / "_SUCCESS").is_file()
     assert containers_of(docker_client, run_id_of(ws)) == []
+    # Recorded portably (the container saw the base at /models/tiny-llama), and the plain MLflow
+    # path loads it on this host from its own model cache, the weights hash verified.
+    assert version.tags["loraflow.base_ref"] == "tiny-llama" and len(version.tags["loraflow.base_sha256"]) == 64
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    [completion] = model.predict(["What is 3 plus 4?"], params={"max_new_tokens": 4})
+    assert isinstance(completion, str)
 
     # The container as Docker ran it.
     assert "attrs" in checks, "the trainer container was never seen running"
