@@ -208,7 +208,7 @@ class LoraflowTrainOperator(DockerOperator):
         conf = self._configured
         self.mem_limit = pipeline.memory_limit or conf["mem_limit"]
         self.shm_size = shm_bytes(parse_bytes(pipeline.shm_size) if pipeline.shm_size else conf["shm_size"], lease)
-        self.labels = {"loraflow.dag_id": pipeline.dag_id, "loraflow.run_id": pipeline.run_id,
+        self.labels = {"loraflow.dag_id": pipeline.dag_id, "loraflow.run_id": pipeline.run_id, "loraflow.task_id": self.task_id,
                        **({gpus.LABEL: lease.visible} if lease.ids else {})}
         self.network_mode = "none" if local_model else conf["network_mode"]
         gpu_env: dict[str, str] = {}

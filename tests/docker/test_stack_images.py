@@ -42,14 +42,16 @@ def compose_env() -> dict[str, str]:
 
 
 def _run(docker_client, image: str, command: list[str], env: dict[str, str] | None = None) -> str:
-    from docker.errors import ContainerError
-
+    # Not run(remove=True): docker-py can lose the output of a container removed as it exits.
+    container = docker_client.containers.run(image, command, environment=env or {}, network_mode="none", detach=True)
     try:
-        out = docker_client.containers.run(image, command, environment=env or {}, remove=True, network_mode="none",
-                                           stdout=True, stderr=True)
-    except ContainerError as exc:
-        raise AssertionError(f"{command} failed in {image} ({exc.exit_status}): {exc.stderr!r}") from None
-    return out.decode()
+        status = container.wait(timeout=300)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False).decode()
+        if status != 0:
+            raise AssertionError(f"{command} failed in {image} ({status}): {container.logs(stderr=True).decode()[-2000:]}")
+        return out
+    finally:
+        container.remove(force=True)
 
 
 def test_the_executor_the_compose_file_names_imports_and_its_worker_cli_starts(docker_client, airflow_image, compose_env):
