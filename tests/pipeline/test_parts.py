@@ -54,7 +54,8 @@ def test_trainer_container_gets_read_only_inputs_a_writable_output_and_the_run_l
     assert mounts["/workspace/output"]["Source"] == str((ws / "output").resolve()) and mounts["/workspace/output"]["ReadOnly"] is False
     assert mounts["/models"]["Source"] == str(config.models_dir()) and mounts["/models"]["ReadOnly"] is True
     assert set(mounts) == {"/workspace", "/workspace/output", "/models"}  # no other host access
-    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id, "loraflow.gpu": "1"}
+    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id,
+                         "loraflow.task_id": "train", "loraflow.gpu": "1"}
     assert op.command == ["loraflow-train", "--job", "/workspace/job.json"]
     assert op.device_requests[0]["DeviceIDs"] == ["1"]
     assert op.network_mode == "none"  # a local base model needs no network
