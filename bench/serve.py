@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 sys.path.insert(0, str(common.REPO / "plugins"))
+from loraflow.devstack import wait_http  # noqa: E402
+
 SAMPLE = common.REPO / "examples" / "data" / "sample_chat.jsonl"
 NAME = "bench-serve"
 PROMPTS = ["What is 3 plus 4?", "What is the capital of France?", "Name a colour.", "Say hello.",
@@ -67,21 +69,6 @@ def mlflow_target(port: int) -> Target:
     return Target("mlflow models serve", f"http://127.0.0.1:{port}/invocations",
                   lambda p, n: {"inputs": [p], "params": {"max_new_tokens": n, "do_sample": False}},
                   lambda out: out["predictions"][0])
-
-
-def wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: server exited {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout}s; see {log}")
 
 
 def measure(target: Target, prompts: list[str], concurrency: int, max_new_tokens: int) -> tuple[list[float], float, list[str]]:
@@ -143,8 +130,8 @@ def main() -> None:
                                        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
                                       env={**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"},
                                       stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        wait(f"http://127.0.0.1:{lf_port}/ready", procs[0], lf_log)
-        wait(f"http://127.0.0.1:{ml_port}/ping", procs[1], ml_log)
+        wait_http(f"http://127.0.0.1:{lf_port}/ready", 600, procs[0], lf_log)
+        wait_http(f"http://127.0.0.1:{ml_port}/ping", 600, procs[1], ml_log)
         targets = [loraflow_target(lf_port), mlflow_target(ml_port)]
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
         for t in targets:  # warm-up: first-request costs are not what a served model pays per request
