@@ -170,13 +170,6 @@ name, and more adapters of the same base can be added with more `--lora-modules 
 
 
 def _merge(adapter: Path, tokenizer: Path, base: str, out: Path) -> str:
-    """Fold the adapter into the base (in the base's dtype) and save a plain HF model directory."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from loraflow_trainer import inference  # torch, transformers, peft: the trainer package's world
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    dtype = str(model.dtype).removeprefix("torch.")
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    merged.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(out))
-    return dtype
+    return inference.merge(adapter, tokenizer, base, out)

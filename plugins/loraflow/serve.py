@@ -16,10 +16,10 @@ The OpenAI request/response shapes are written here rather than taken from a pac
 the maintained servers that provide them (vLLM, TGI) bring their own GPU runtime, which is
 what ``export --format vllm`` hands off to. This server is for one adapter on CPU or one
 GPU with plain ``transformers``: greedy (``temperature: 0``) answers are the same as
-``loraflow models generate``'s, because both call ``generation.complete``.
+``loraflow models generate``'s, because both call ``loraflow_trainer.inference.complete``.
 
 The module imports only the Airflow side's own stack (FastAPI, uvicorn); torch comes in
-through ``generation.load`` when the first version is loaded, inside the serve command.
+through ``loraflow_trainer.inference.load`` when the first version is loaded, inside the serve command.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Served:
     def load(self, fetched: tuple[dict[str, Any], Path, str]) -> Loaded:
         info, model_dir, base = fetched
         try:
-            model, tok = generation.load(model_dir, base)
+            model, tok = inference().load(model_dir, base)
         finally:
             shutil.rmtree(model_dir.parent, ignore_errors=True)
         return Loaded(info["name"], info["version"], base, model, tok)
@@ -112,7 +112,7 @@ class Served:
             loaded = self.current
             if loaded is None:
                 raise _NotReady()
-            return loaded, generation.complete(loaded.model, loaded.tokenizer, **kwargs)
+            return loaded, inference().complete(loaded.model, loaded.tokenizer, **kwargs)
 
 
 class _NotReady(Exception):
@@ -229,7 +229,7 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
         if bad := check(req, max_tokens):
             return bad
         current = served.current
-        if current is not None and not generation.has_chat_template(current.tokenizer):
+        if current is not None and not inference().has_chat_template(current.tokenizer):
             return error(400, f"{current.label} has no chat template; send a prompt to /v1/completions", param="messages")
         try:
             loaded, choices, p, c = run(req, max_tokens, messages=[m.model_dump() for m in req.messages])
@@ -303,3 +303,10 @@ def serve(uri: str, ref: str, *, host: str = "127.0.0.1", port: int = 8000, base
     if served.error and served.current is None:
         raise LoraflowError(f"serving {ref} failed while loading: {served.error}")
     return {"ref": str(served.ref), "version": served.current.version if served.current else None, "stopped": True}
+
+
+def inference():
+    """The trainer package's inference module (torch), imported only once serve runs."""
+    from loraflow_trainer import inference as module
+
+    return module

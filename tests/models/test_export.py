@@ -41,7 +41,8 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow import generation, lookup
+    from loraflow import lookup
+    from loraflow_trainer import inference
     from loraflow_trainer.base_model import weights_sha256
 
     ref = f"{exported['name']}/{exported['version']}"
@@ -57,7 +58,7 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
 
     info = lookup.show(mlflow_server, ref)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_model, adapter_tok = generation.load(lookup.download_model(mlflow_server, info, Path(tmp)), str(tiny_model))
+        adapter_model, adapter_tok = inference.load(lookup.download_model(mlflow_server, info, Path(tmp)), str(tiny_model))
     assert type(adapter_model).__name__.startswith("Peft")
     for prompt in PROMPTS:
         assert greedy(merged, tok, prompt) == greedy(adapter_model, adapter_tok, prompt), prompt
