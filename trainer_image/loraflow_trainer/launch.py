@@ -65,6 +65,32 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its device, its place among the job's processes, the strategy."""
+
+    device: str  # cuda or cpu
+    local_rank: int  # under torchrun each rank owns one device (LOCAL_RANK)
+    world_size: int
+    is_main: bool  # rank 0, the one process that writes outputs
+    strategy: str  # single, ddp or fsdp
+
+    @property
+    def torch_device(self):
+        """This process's device: its own GPU under torchrun, else the CPU."""
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
+
+
+def placement(job: JobSpec) -> Placement:
+    """This process's placement, from the launcher's environment (one process without one)."""
+    import torch
+
+    n = world_size()
+    return Placement("cuda" if torch.cuda.is_available() else "cpu", local_rank(), n, is_main_process(), strategy(job, n))
+
+
 def strategy(job: JobSpec, n: int) -> str:
     if n == 1:
         return "single"
