@@ -1,18 +1,19 @@
 """Training data: read a dataset file, tokenize it into examples, and collate batches.
 
 Owns the three formats (text, prompt/completion, chat messages), the completion-only /
-assistant-only label mask (-100 elsewhere), truncation to ``max_seq_length``, and the
-padding-free packing collator. Tokenization is batched through the fast tokenizer; an
-example is a pair of int lists, never a Python object per token.
+assistant-only label mask (-100 elsewhere), truncation to ``max_seq_length``, the
+padding-free packing collator, and the recipe's data stage (``build_datasets``).
+Tokenization is batched through the fast tokenizer; an example is a pair of int lists,
+never a Python object per token.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow_trainer import contract, progress
 from loraflow_trainer.errors import DataError
 from loraflow_trainer.spec import JobSpec
 
@@ -33,32 +34,26 @@ def read_table(path: Path):
         if path.suffix == ".csv":
             return pd.read_csv(path, keep_default_na=False, dtype=str)
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
-        raise DataError(f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix or regenerate the file") from None
+        raise DataError(f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "fix or regenerate the file") from None
     raise DataError(f"dataset {path} has unsupported extension {path.suffix!r}; use .parquet, .jsonl or .csv")
 
 
-def _columns(job: JobSpec) -> list[str]:
-    d = job.data
-    return {
-        "text": [d.text_column],
-        "prompt_completion": [d.prompt_column, d.completion_column],
-        "chat": [d.messages_column],
-    }[d.data_format]
+def columns(job: JobSpec) -> list[str]:
+    """The columns the job's format reads: the format's columns (``contract.FORMAT_COLUMNS``) under the
+    names the job gives them (``<column>_column`` in its data section)."""
+    return [getattr(job.data, f"{c}_column") for c in contract.FORMAT_COLUMNS[job.data.data_format]]
 
 
 def _messages(value: Any, row: int, path: Path) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(f"{path} row {row}: messages is not valid JSON; store a list of {{role, content}} objects") from None
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise DataError(f"{path} row {row}: messages must be a non-empty list of {{role, content}} objects")
-    if not any(m["role"] == "assistant" for m in value):
+    """One chat cell, parsed as the pipeline parses it, with an assistant turn to learn from."""
+    try:
+        messages = contract.parse_messages(value)
+    except contract.MessagesError as exc:
+        raise DataError(f"{path} row {row}: {exc}") from None
+    if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{path} row {row}: the conversation has no assistant turn to learn from")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    return messages
 
 
 def read_rows(job: JobSpec, path: Path) -> list:
@@ -70,7 +65,7 @@ def read_rows(job: JobSpec, path: Path) -> list:
     df = read_table(path)
     if len(df) == 0:
         raise DataError(f"{path} has no rows; give the job a non-empty dataset")
-    missing = [c for c in _columns(job) if c not in df.columns]
+    missing = [c for c in columns(job) if c not in df.columns]
     if missing:
         raise DataError(
             f"{path} lacks column(s) {', '.join(missing)} for data_format={job.data.data_format}; "
@@ -172,7 +167,8 @@ def _assistant_mask_by_prefix(messages, tokenizer, n: int) -> list[int]:
     its generation prompt and rendered through the turn itself.
     """
     def n_tokens(msgs, generation_prompt: bool) -> int:
-        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
+        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)
         return len(enc["input_ids"])
 
     mask = [0] * n
@@ -286,6 +282,31 @@ class ExampleDataset:
 
     def num_tokens(self) -> int:
         return sum(len(e["input_ids"]) for e in self.examples)
+
+
+@dataclass
+class Datasets:
+    """The data stage's result: tokenized train (and eval) examples, and the prompts samples are generated from."""
+
+    train: ExampleDataset
+    eval: ExampleDataset | None
+    sample_prompts: list[str]
+
+
+def build_datasets(job: JobSpec, job_dir: Path, tokenizer) -> Datasets:
+    """Tokenize the job's train and eval files, and pick the sample prompts (eval rows first)."""
+    d = job.data
+    train = ExampleDataset(load_examples(job, job.resolve(d.train_path, job_dir), tokenizer))
+    evaluation = None
+    if d.eval_path:
+        evaluation = ExampleDataset(load_examples(job, job.resolve(d.eval_path, job_dir), tokenizer))
+    prompts: list[str] = []
+    if d.eval_path or not job.privacy.dp_enabled:  # DP: never copy training prompts into samples.jsonl
+        prompt_source = job.resolve(d.eval_path or d.train_path, job_dir)
+        prompts = prompts_for_samples(job, prompt_source, tokenizer, job.evaluation.num_sample_generations)
+    progress.emit("data", train_examples=len(train), train_tokens=train.num_tokens(),
+                  eval_examples=len(evaluation) if evaluation else 0)
+    return Datasets(train, evaluation, prompts)
 
 
 def left_pad(ids: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]], int]:
