@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow_trainer.backend import HuggingFaceBackend
+from loraflow_trainer.base_model import file_sha256
 
 
 def _train(job_path, job, inspect=None):
@@ -30,10 +30,15 @@ def test_loss_goes_down_on_a_learnable_task_and_outputs_are_complete(make_job):
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "model/MLmodel", "metrics.json", "metadata.json", "samples.jsonl", "dataset_schema.json", "_SUCCESS"):
+                 "model/MLmodel", "metrics.json", "metadata.json", "samples.jsonl", "_SUCCESS"):
         assert (out / name).exists(), name
+    # What registration reads: the run's metrics, and a checksum of every file of adapter/ and model/ that verifies.
+    assert json.loads((out / "metrics.json").read_text()) == metrics
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["spec_hash"] == job.spec_hash() and "adapter/adapter_model.safetensors" in meta["checksums"]
+    assert meta["spec_hash"] == job.spec_hash()
+    written = {str(p.relative_to(out)) for sub in ("adapter", "model") for p in (out / sub).rglob("*") if p.is_file()}
+    assert "adapter/adapter_model.safetensors" in written and set(meta["checksums"]) == written
+    assert all(meta["checksums"][rel] == file_sha256(out / rel) for rel in written)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all({"prompt", "before", "after"} <= s.keys() for s in samples)
     assert not list(out.glob(".staging-*"))

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from loraflow_trainer import errors, progress, spec
+from loraflow_trainer import contract, errors, progress, spec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,15 +50,12 @@ def _interrupt(signum, frame):
 
 
 def _check_local_model(job: spec.JobSpec, job_dir: Path) -> None:
-    # A local base model without config.json fails here, before torch loads; hub ids are
-    # resolved (and reported) by the backend.
+    # A local base model that is not a saved model fails here, before torch loads; hub ids
+    # are resolved (and reported) by the model stage.
     if job.is_local_model(job_dir):
         path = job.resolve(job.model.base_model, job_dir)
-        if not (path / "config.json").exists():
-            raise errors.ModelNotFoundError(
-                f"base model {path} has no config.json; point base_model at a saved HF model directory "
-                "(mounted under /models in the container) or a hub id"
-            )
+        if not contract.is_model_dir(path):
+            raise errors.ModelNotFoundError(contract.missing_model_message(path))
 
 
 def run_job(job_path: Path) -> int:
@@ -70,10 +67,11 @@ def run_job(job_path: Path) -> int:
     launch.quiet_other_ranks()
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
+    out = job.resolve(job.output_dir, job_dir)
     # People read the task log: library progress bars (carriage returns) and notices they
     # cannot act on stay out of it; the JSON events go to output/events.jsonl.
     progress.quiet_libraries()
-    progress.open_events(job.resolve(job.output_dir, job_dir))
+    progress.open_events(out)
     from loraflow_trainer.data import preflight
 
     preflight(job, job_dir)
@@ -82,22 +80,23 @@ def run_job(job_path: Path) -> int:
     plan = launch.plan(job)
     if plan.world_size > 1 and not launch.under_launcher():
         return launch.relaunch(job_path.resolve(), plan)
-    from loraflow_trainer.backend import HuggingFaceBackend
+    from loraflow_trainer import recipe
 
-    backend = HuggingFaceBackend(job, job_dir)
+    built = recipe.Built()
     try:
-        backend.train()
+        recipe.run(job, job_dir, built)
     except Exception as exc:
         # torch.save reports a full disk as "unexpected pos ..." with the errno lost: ask the disk.
-        if not isinstance(exc, errors.LoraflowTrainerError) and disk_nearly_full(backend.output_dir):
+        if not isinstance(exc, errors.LoraflowTrainerError) and disk_nearly_full(out):
+            first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
             raise errors.DiskFullError(
-                f"no space left on the volume of {backend.output_dir} ({shutil.disk_usage(backend.output_dir).free // 1024} KiB free; "
-                f"the write failed with {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                f"no space left on the volume of {out} ({shutil.disk_usage(out).free // 1024} KiB free; "
+                f"the write failed with {type(exc).__name__}: {first_line}); "
                 "free space (or move LORAFLOW_HOME), then retry: checkpoints are kept") from exc
         raise
     finally:
         if not _PROCESS_ENDS_AFTER_JOB:  # in-process callers get their memory back
-            backend.teardown()
+            recipe.teardown(built)
     return errors.EXIT_OK
 
 

@@ -55,7 +55,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from loraflow_trainer import progress
+from loraflow_trainer import contract, progress
 from loraflow_trainer.data import IGNORE_INDEX
 from loraflow_trainer.errors import JobSpecError, LoraflowTrainerError
 from loraflow_trainer.spec import PrivacySpec
@@ -64,7 +64,7 @@ from loraflow_trainer.spec import PrivacySpec
 ACCOUNTANT_FILE = "dp_accountant.json"
 SAMPLER_FILE = "dp_sampler.json"
 # In the outputs: the whole history, from which anyone can recompute epsilon.
-ACCOUNTING_FILE = "dp_accounting.json"
+ACCOUNTING_FILE = contract.ACCOUNTING_FILE
 ACCOUNTANT = "rdp"
 # Statistics of the private batches computed without noise: outside the DP guarantee.
 PRIVATE_LOG_KEYS = frozenset({"loss", "grad_norm", "train_loss"})

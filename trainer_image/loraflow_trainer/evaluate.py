@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -31,11 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow_trainer import errors, spec
+from loraflow_trainer import contract, errors, spec
 
 REQUEST = "evaluate_request.json"
 BASE = "base"  # the name the bare base model is reported under
-DEFAULT_OUTPUT = "output/eval.json"
+DEFAULT_OUTPUT = f"{contract.OUTPUT_DIR}/eval.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,12 +101,14 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
 
     from peft import PeftModel
 
-    from loraflow_trainer.backend import HuggingFaceBackend
+    from loraflow_trainer import launch
+    from loraflow_trainer import model as model_stage
+    from loraflow_trainer.metrics import perplexity
+    from loraflow_trainer.samples import generate
 
-    loader = HuggingFaceBackend(job, job_dir)  # the same dtype, quantization and device as train
-    loader.prepare_config()
-    loader.load_model()
-    tok, base = loader.tokenizer, loader.model
+    place = launch.placement(job)  # the same dtype, quantization and device as train
+    model_kwargs = model_stage.from_pretrained_kwargs(job, job_dir, place)
+    base, tok = model_stage.load(job, job_dir, model_kwargs, place)
     base.config.use_cache = True
     adapters = req["adapters"]
     names = list(adapters)
@@ -122,6 +123,7 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
     suite_prompts = [_render_user_prompt(job, c.prompt, tok) for c in suite]
     max_new = int(req.get("max_new_tokens") or job.evaluation.sample_max_new_tokens)
     batch = job.evaluation.per_device_eval_batch_size
+    limit = job.training.max_seq_length
     scored = names + ([BASE] if req.get("include_base") else [])
     results: dict[str, Any] = {}
     for name in scored:
@@ -129,8 +131,8 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
         with _active(model, name):
             losses, tokens = per_example_loss(model, examples, tok.pad_token_id, batch)
             t_loss = time.perf_counter() - t0
-            outputs = generate(model, tok, job, prompts, max_new, batch)
-            suite_out = generate(model, tok, job, suite_prompts, max_new, batch)
+            outputs = generate(model, tok, job, prompts, max_new, batch, max_prompt_tokens=limit)
+            suite_out = generate(model, tok, job, suite_prompts, max_new, batch, max_prompt_tokens=limit)
         total_tokens = sum(tokens)
         mean_token_loss = sum(l * n for l, n in zip(losses, tokens)) / total_tokens
         results[name] = {
@@ -138,7 +140,7 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
             "losses": losses,
             "eval_loss": mean_token_loss,
             "mean_example_loss": sum(losses) / len(losses),
-            "perplexity": math.exp(min(mean_token_loss, 50.0)),
+            "perplexity": perplexity(mean_token_loss),
             "generation": generation_metrics(outputs, references),
             "behaviour": [{"id": c.id, "passed": not (f := c.check(o)), "failures": f, "output": o[:500]}
                           for c, o in zip(suite, suite_out, strict=True)],
@@ -156,18 +158,15 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
         "n_generation_examples": len(prompts),
         "n_behaviour_cases": len(suite),
         "settings": {"max_seq_length": job.training.max_seq_length, "max_new_tokens": max_new, "batch_size": batch,
-                     "decoding": "greedy", "device": loader.device,
-                     "dtype": str(loader.model_args.get("dtype")).replace("torch.", ""), "quantization": job.model.quantization},
+                     "decoding": "greedy", "device": place.device,
+                     "dtype": str(model_kwargs["dtype"]).removeprefix("torch."), "quantization": job.model.quantization},
         "champion": req["champion"],
         "models": results,
         "load_seconds": load_s,
         "runtime_s": time.perf_counter() - started,
     }
     out = _resolve(req["output"], job_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    contract.atomic_write_json(out, result)
     print(json.dumps({"event": "eval_saved", "path": str(out), "runtime_s": result["runtime_s"]}), flush=True)
     return result
 
@@ -215,25 +214,6 @@ def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int, b
             losses.extend(per.tolist())
             counts.extend(n.tolist())
     return losses, counts
-
-
-def generate(model, tok, job, prompts: list[str], max_new_tokens: int, batch: int) -> list[str]:
-    """Greedy completions (left padded, batched), decoded without special tokens."""
-    import torch
-
-    from loraflow_trainer.data import encode_prompts, left_pad
-
-    outs: list[str] = []
-    limit = job.training.max_seq_length
-    for i in range(0, len(prompts), batch):
-        ids = [x[-limit:] for x in encode_prompts(job, prompts[i:i + batch], tok)]
-        padded, mask, width = left_pad(ids, tok.pad_token_id)
-        input_ids, mask = torch.tensor(padded, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        outs.extend(tok.batch_decode(out[:, width:], skip_special_tokens=True))
-    return outs
 
 
 def _render_user_prompt(job, prompt: str, tok) -> str:

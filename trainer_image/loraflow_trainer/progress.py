@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
+from loraflow_trainer.contract import EVENTS_FILE
 
 _events: Path | None = None
 
