@@ -32,9 +32,9 @@ SHOWN_METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from loraflow import lookup
+    from loraflow import registry
 
-    lookup.cli_http_defaults()
+    registry.http_defaults(interactive=True)
     try:
         result = args.run(args)
     except RegistryUnavailable as exc:
@@ -113,23 +113,23 @@ def _uri(args) -> str:
 
 
 def _list(args) -> Any:
-    from loraflow import lookup
+    from loraflow import registry
 
-    return lookup.list_models(_uri(args), args.name)
+    return registry.list_models(_uri(args), args.name)
 
 
 def _show(args) -> Any:
-    from loraflow import lookup
+    from loraflow import registry
 
-    return lookup.show(_uri(args), args.ref)
+    return registry.show(_uri(args), args.ref)
 
 
 def _pull(args) -> Any:
     from pathlib import Path
 
-    from loraflow import lookup
+    from loraflow import registry
 
-    return lookup.pull(_uri(args), args.ref, Path(args.dest))
+    return registry.pull(_uri(args), args.ref, Path(args.dest))
 
 
 def _generate(args) -> Any:
@@ -162,21 +162,21 @@ def _export(args) -> Any:
 
 
 def _promote(args) -> Any:
-    from loraflow import lookup
+    from loraflow import registry
 
-    return lookup.promote(_uri(args), args.name, args.version, args.alias, args.reason)
+    return registry.promote(_uri(args), args.name, args.version, args.alias, args.reason)
 
 
 def _rollback(args) -> Any:
-    from loraflow import aliases
+    from loraflow import registry
 
-    return aliases.rollback(_uri(args), args.name, args.reason, alias=args.alias)
+    return registry.rollback(_uri(args), args.name, args.reason, alias=args.alias)
 
 
 def _history(args) -> Any:
-    from loraflow import aliases
+    from loraflow import registry
 
-    return aliases.history(_uri(args), args.name)
+    return registry.history(_uri(args), args.name)
 
 
 # -- rendering -----------------------------------------------------------------------------

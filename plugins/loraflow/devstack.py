@@ -259,9 +259,9 @@ class LocalStack:
     # -- reading back ------------------------------------------------------------
 
     def describe_model(self, name: str) -> dict:
-        from loraflow import lookup
+        from loraflow import registry
 
-        return lookup.describe_latest(name, tracking_uri=self.mlflow_uri)
+        return registry.show(self.mlflow_uri, registry.Ref(name))
 
     # -- processes ---------------------------------------------------------------
 

@@ -80,10 +80,10 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
     registry.http_defaults()
     secrets.apply_mlflow_credentials()
     uri = config.tracking_uri()
-    mc = registry.client(uri)
+    mc = registry.mlflow_client(uri)
     name = pipeline.registered_model_name
     with registry.reachable(uri):
-        mv = registry._alias_version(mc, name, registry.CHAMPION)
+        mv = registry.alias_version(mc, name, registry.CHAMPION)
         if mv is None:
             return {"status": "none", "version": None, "reason": f"{name} has no champion yet"}
         tags = mv.tags or {}

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loraflow import generation, lookup, registry
+from loraflow import generation, registry
 from loraflow.errors import LoraflowError
 
 FORMATS = ("merged", "peft", "vllm")
@@ -49,17 +49,17 @@ def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | No
         raise LoraflowError(f"{out} is not empty; pass an empty or new --out directory")
     if fmt == "merged":
         generation.require_stack("export --format merged")
-    info = lookup.show(uri, ref)
+    info = registry.show(uri, ref)
     with tempfile.TemporaryDirectory(prefix="loraflow-export-") as tmp:
-        model_dir = lookup.download_model(uri, info, Path(tmp))
-        base = lookup.resolve_base(model_dir, info, base_model_path)
+        model_dir = registry.download_model(uri, info, Path(tmp))
+        base = registry.resolve_base(model_dir, info, base_model_path)
         adapter, tokenizer = model_dir / "peft", model_dir / "components" / "tokenizer"
         if not (adapter / "adapter_config.json").is_file():
             raise LoraflowError(f"{info['name']}/{info['version']} holds no PEFT adapter (model/peft/); it was not registered by loraflow")
         source_files = _hashes(adapter)
         original_base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        params = _run_params(uri, info)
-        base_ref = lookup._read_reference(model_dir) or _reference_of(info)
+        params = registry.run_params(uri, info)
+        base_ref = registry.read_reference(model_dir) or _reference_of(info)
         out.mkdir(parents=True, exist_ok=True)
         try:
             extra: dict[str, Any] = {}
@@ -90,7 +90,7 @@ def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | No
     result = {"name": info["name"], "version": info["version"], "format": fmt, "out": str(out.resolve()), "base": base,
               "lineage": str((out / LINEAGE_FILE).resolve()), "caveat": lineage["caveat"], **extra}
     if register:
-        result["registered"] = lookup.register_export(uri, info, out, register_name or f"{info['name']}-merged", lineage)
+        result["registered"] = registry.register_export(uri, info, out, register_name or f"{info['name']}-merged", lineage)
     return result
 
 
@@ -104,11 +104,6 @@ def _loraflow_version() -> str:
     import loraflow
 
     return loraflow.__version__
-
-
-def _run_params(uri: str, info: dict[str, Any]) -> dict[str, str]:
-    with lookup.talking_to(uri):
-        return dict(registry.client(uri).get_run(info["mlflow_run_id"]).data.params)
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loraflow import lookup
+from loraflow import registry
 from loraflow.errors import LoraflowError
 
 STACK = ("torch", "transformers", "peft")
@@ -29,10 +29,10 @@ STACK = ("torch", "transformers", "peft")
 def generate(uri: str, ref: str, prompt: str, *, base_model_path: str | None = None,
              max_new_tokens: int = 32, raw: bool = False, timeout: float = 600) -> dict[str, Any]:
     require_stack("generate")
-    info = lookup.show(uri, ref)
+    info = registry.show(uri, ref)
     with tempfile.TemporaryDirectory(prefix="loraflow-generate-") as tmp:
-        model_dir = lookup.download_model(uri, info, Path(tmp))
-        base = lookup.resolve_base(model_dir, info, base_model_path)
+        model_dir = registry.download_model(uri, info, Path(tmp))
+        base = registry.resolve_base(model_dir, info, base_model_path)
         request = {"model_dir": str(model_dir), "base_model_path": base, "prompt": prompt,
                    "max_new_tokens": int(max_new_tokens), "raw": raw}
         proc = subprocess.run([sys.executable, "-m", "loraflow_trainer.inference"], input=json.dumps(request), text=True,

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraflow import generation, lookup
+from loraflow import generation, registry
 from loraflow.errors import LoraflowError
 
 VERSION_HEADER = "X-Loraflow-Model-Version"
@@ -63,7 +63,7 @@ class Served:
     """The version an alias points at, loaded; ``reload()`` follows the alias to its current version."""
 
     def __init__(self, uri: str, ref: str, base_model_path: str | None = None):
-        self.uri, self.ref, self.base_model_path = uri, lookup.Ref.parse(ref), base_model_path
+        self.uri, self.ref, self.base_model_path = uri, registry.Ref.parse(ref), base_model_path
         self.current: Loaded | None = None
         self.error: str | None = None
         self._generate = threading.Lock()  # one generate() at a time on the one model
@@ -71,11 +71,11 @@ class Served:
 
     def fetch(self) -> tuple[dict[str, Any], Path, str]:
         """(version info, downloaded model dir, resolved base) for what the reference points at now; torch-free."""
-        info = lookup.show(self.uri, self.ref)
+        info = registry.show(self.uri, self.ref)
         tmp = Path(tempfile.mkdtemp(prefix="loraflow-serve-"))
         try:
-            model_dir = lookup.download_model(self.uri, info, tmp)
-            return info, model_dir, lookup.resolve_base(model_dir, info, self.base_model_path)
+            model_dir = registry.download_model(self.uri, info, tmp)
+            return info, model_dir, registry.resolve_base(model_dir, info, self.base_model_path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -92,7 +92,7 @@ class Served:
         """Load the version the reference points at now and swap it in; the old one serves until then."""
         with self._reload:
             before = self.current.version if self.current else None
-            info = lookup.show(self.uri, self.ref)
+            info = registry.show(self.uri, self.ref)
             if self.current is not None and info["version"] == before:
                 return {"changed": False, "version": before, "previous": before}
             loaded = self.load(self.fetch())

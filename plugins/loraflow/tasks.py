@@ -192,7 +192,7 @@ def refuse_retrain_of_registered(pipeline: Pipeline, log=print) -> None:
     overwrite or shadow the bytes the first one holds. Retraining is a new DAG run with the
     same conf, which gets its own run key, workspace and version. As a second line, register
     refuses a workspace whose outputs differ from what the run's version holds
-    (``registry._require_same_outputs``).
+    (``registry.registration._require_same_outputs``).
     """
     marker = Path(pipeline.workspace) / REGISTERED_MARKER
     version = json.loads(marker.read_text()).get("version") if marker.exists() else None
@@ -265,10 +265,10 @@ def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
     uri = config.tracking_uri()
     if status == "FINISHED" and not (Path(ws) / "output" / "_SUCCESS").exists():
         return None  # skipped as already registered: nothing was tracked, nothing to close
-    job = workspace.load_job(ws)
-    run_id = registry.start_run(uri, pipeline.registered_model_name, pipeline.run_key, _lineage(pipeline, job, None))
-    registry.end_run(uri, run_id, status)
-    return run_id
+    if status == "FAILED":  # a run that failed before register gets its MLflow run here, to show the failure
+        job = workspace.load_job(ws)
+        registry.ensure_run(uri, pipeline.registered_model_name, pipeline.run_key, _lineage(pipeline, job, None))
+    return registry.close_run(uri, pipeline.registered_model_name, pipeline.run_key, status)
 
 
 def remove_containers(run_id: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.cli import main
-from loraflow.lookup import Ref
+from loraflow.registry import Ref
 
 pytestmark = pytest.mark.slow
 

@@ -41,7 +41,7 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow import lookup
+    from loraflow import registry
     from loraflow_trainer import inference
     from loraflow_trainer.base_model import weights_sha256
 
@@ -56,9 +56,9 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
     base_dtype = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="auto").dtype
     assert merged.dtype == base_dtype and result["dtype"] == str(base_dtype).removeprefix("torch.")
 
-    info = lookup.show(mlflow_server, ref)
+    info = registry.show(mlflow_server, ref)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_model, adapter_tok = inference.load(lookup.download_model(mlflow_server, info, Path(tmp)), str(tiny_model))
+        adapter_model, adapter_tok = inference.load(registry.download_model(mlflow_server, info, Path(tmp)), str(tiny_model))
     assert type(adapter_model).__name__.startswith("Peft")
     for prompt in PROMPTS:
         assert greedy(merged, tok, prompt) == greedy(adapter_model, adapter_tok, prompt), prompt

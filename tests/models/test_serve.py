@@ -123,17 +123,17 @@ def test_serve_answers_over_http_with_the_same_greedy_completion_as_generate(reg
 
 
 def test_alias_move_and_reload_change_the_answering_version_without_a_restart(registered, train_version, capsys):
-    from loraflow import lookup
+    from loraflow import registry
 
     name = "serve-reload-demo"
     first, second = train_version(name, seed=1), train_version(name, seed=2, steps=8)
     uri = registered["tracking_uri"]
-    lookup.promote(uri, name, first, "champion", "test: start on the first")
+    registry.promote(uri, name, first, "champion", "test: start on the first")
     ask = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 8, "temperature": 0}
     with serving(uri, f"{name}@champion") as (base, proc):
         assert http("POST", f"{base}/v1/chat/completions", ask)[2]["X-Loraflow-Model-Version"] == f"{name}/{first}"
 
-        lookup.promote(uri, name, second, "champion", "test: move to the second")
+        registry.promote(uri, name, second, "champion", "test: move to the second")
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 180
         while http("GET", f"{base}/ready")[1]["version"] != second:
@@ -144,7 +144,7 @@ def test_alias_move_and_reload_change_the_answering_version_without_a_restart(re
         assert body["choices"][0]["message"]["content"] == generated(capsys, f"{name}/{second}", PROMPTS[1])
 
         assert http("POST", f"{base}/admin/reload")[1] == {"changed": False, "version": second, "previous": second}
-        lookup.promote(uri, name, first, "champion", "test: roll back")
+        registry.promote(uri, name, first, "champion", "test: roll back")
         status, result, _ = http("POST", f"{base}/admin/reload")
         assert status == 200 and result == {"changed": True, "version": first, "previous": second}
         assert http("POST", f"{base}/v1/chat/completions", ask)[2]["X-Loraflow-Model-Version"] == f"{name}/{first}"

@@ -156,7 +156,7 @@ def test_an_out_of_range_value_is_refused_by_the_form_before_any_run_exists(sche
 def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progress(scheduled_airflow, browser, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from loraflow import lookup
+    from loraflow import registry
 
     base, token = scheduled_airflow, _token(scheduled_airflow)
     before = {r["dag_run_id"] for r in _runs(base, token)}
@@ -196,7 +196,7 @@ def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progre
     assert not [line for line in lines if "gemm_4bit" in line or "FutureWarning" in line]
 
     # MLflow draws the curve: one loss point per logging step.
-    found = lookup.mlflow_run_for(mlflow_server, f"{DAG_ID}/{run_id}")
+    found = registry.mlflow_run_for(mlflow_server, f"{DAG_ID}/{run_id}")
     assert found
     history = MlflowClient(tracking_uri=mlflow_server).get_metric_history(found["run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, total + 1))

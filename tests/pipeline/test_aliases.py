@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from loraflow import aliases, gate, registry
+from loraflow import gate, registry
+from loraflow.registry import aliases
 from tests.conftest import REPO
 
 
@@ -60,9 +61,9 @@ def test_rollback_and_history_round_trip(mlflow_server, mlflow_client, three_ver
     assert table.returncode == 0 and "rollback" in table.stdout and "v3 answers in the wrong format" in table.stdout
 
     # A cleared-and-rerun register of v3's run (even one whose gate says promote) leaves champion where the rollback put it.
-    mc = registry.client(mlflow_server)
+    mc = registry.mlflow_client(mlflow_server)
     promote = gate.Decision(True, "paired CI above margin", "1", {})
-    champion, notes = registry._move_aliases(mc, name, "3", "eval_loss", 0.1, promote)
+    champion, notes = aliases.advance(mc, name, "3", "eval_loss", 0.1, promote)
     assert champion == "1" and mlflow_client.get_registered_model(name).aliases["champion"] == "1"
     assert any("rolled back" in n for n in notes)
 

@@ -59,7 +59,7 @@ def test_gate_follows_the_same_exam_where_the_recorded_numbers_say_otherwise(run
     assert tis["evaluate"] == "success"
     v1_recorded, v2_recorded = recorded(mlflow_client, name, "1"), recorded(mlflow_client, name, "2")
     # The old logic compared these two numbers, measured on different exams: it keeps v1.
-    assert v2_recorded > v1_recorded and not registry._better(v2_recorded, v1_recorded, "eval_loss")
+    assert v2_recorded > v1_recorded and not registry.better(v2_recorded, v1_recorded, "eval_loss")
 
     # On the same exam (v2's eval set, both adapters in one process) v2 is better, and the gate says so.
     ev = json.loads((ws / "output" / "eval.json").read_text())
@@ -79,7 +79,7 @@ def test_gate_follows_the_same_exam_where_the_recorded_numbers_say_otherwise(run
     html = open(report).read()
     assert "promoted to champion" in html and "<svg" in html
     # both moves are in the alias history, with the register task that made them
-    from loraflow import aliases as alias_log
+    from loraflow.registry import aliases as alias_log
 
     log = alias_log.moves(mlflow_client, name)
     champ = [m for m in log if m["alias"] == "champion"]

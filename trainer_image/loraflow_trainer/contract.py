@@ -6,6 +6,7 @@ A run's workspace is one directory::
     data/train.parquet            preprocessed training rows, in the format's columns
     data/eval.parquet             held-out rows (when the job has an eval split)
     data/dataset_schema.json      the data checks' schema of the dataset
+    data_report.json              the data checks' verdict (written whatever the outcome)
     output/                       what the trainer writes; complete only once ``_SUCCESS`` exists
         adapter/  model/  metrics.json  metadata.json  samples.jsonl
         dp_accounting.json        (DP runs)  events.jsonl (progress)  checkpoints/
@@ -28,6 +29,7 @@ DATA_DIR = "data"
 TRAIN_FILE = f"{DATA_DIR}/train.parquet"
 EVAL_FILE = f"{DATA_DIR}/eval.parquet"
 DATASET_SCHEMA_FILE = f"{DATA_DIR}/dataset_schema.json"
+DATA_REPORT_FILE = "data_report.json"  # the data checks' verdict, row by row
 OUTPUT_DIR = "output"
 
 # The trainer's output directory, relative to it.
@@ -40,6 +42,7 @@ SAMPLES_FILE = "samples.jsonl"
 ACCOUNTING_FILE = "dp_accounting.json"
 EVENTS_FILE = "events.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+EVAL_RESULT_FILE = "eval.json"  # the evaluate entry point's scores
 # The small files registration logs next to the model (the adapter and model dirs go separately).
 OUTPUT_FILES = (METRICS_FILE, METADATA_FILE, SAMPLES_FILE, ACCOUNTING_FILE)
 

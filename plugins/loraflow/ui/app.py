@@ -26,14 +26,14 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 
-from loraflow import config, lookup
+from loraflow import config, registry
 from loraflow.errors import LoraflowError, RegistryError, RegistryUnavailable
 from loraflow.ui import data, page
 
 URL_PREFIX = "/loraflow"
 
 # The page must answer quickly even when MLflow is down: no retries, short timeouts.
-lookup.cli_http_defaults()
+registry.http_defaults(interactive=True)
 
 app = FastAPI(
     title="loraflow",
@@ -69,7 +69,7 @@ def mlflow_run(dag_id: str = Query(...), run_id: str = Query(...)) -> RedirectRe
     """Where the "MLflow run" extra link points: resolved at click time, so it works before register ran."""
     uri = config.tracking_uri()
     try:
-        found = lookup.mlflow_run_for(uri, f"{dag_id}/{run_id}")
+        found = registry.mlflow_run_for(uri, f"{dag_id}/{run_id}")
     except LoraflowError as exc:
         return HTMLResponse(_message(str(exc)), status_code=503)
     if found is None:
@@ -111,8 +111,8 @@ def promote_version(name: str, version: str, alias: str, body: Promotion, user: 
     uri = config.tracking_uri()
     who = user.get_name()
     try:
-        done = lookup.promote(uri, name, version, alias, body.reason, by=who)
-    except lookup.NotFound as exc:
+        done = registry.promote(uri, name, version, alias, body.reason, by=who)
+    except registry.NotFound as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
     except RegistryUnavailable as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraflow import config, lookup
+from loraflow import config, registry
 from loraflow.errors import LoraflowError
 
 MAX_RUNS = 100
@@ -69,7 +69,7 @@ def overview(session, tracking_uri: str | None = None) -> Overview:
     uri = tracking_uri or config.tracking_uri()
     error = None
     try:
-        by_key = lookup.versions_by_run_key(uri)
+        by_key = registry.versions_by_run_key(uri)
     except LoraflowError as exc:
         by_key, error = {}, str(exc)
     dag_ids = {config.DAG_ID} | {v["lineage"]["dag_id"] for vs in by_key.values() for v in vs if v["lineage"]["dag_id"]}
@@ -87,7 +87,7 @@ def overview(session, tracking_uri: str | None = None) -> Overview:
             row.model_name = row.versions[0]["name"]
     if error is None:
         add_loss_curves(uri, [v for row in rows for v in row.versions])
-    return Overview(tracking_uri=uri, mlflow_ui=lookup.ui_url(uri), rows=rows, mlflow_error=error)
+    return Overview(tracking_uri=uri, mlflow_ui=registry.ui_url(uri), rows=rows, mlflow_error=error)
 
 
 def add_loss_curves(uri: str, versions: list[dict[str, Any]], limit: int = MAX_CURVES) -> None:
@@ -98,9 +98,7 @@ def add_loss_curves(uri: str, versions: list[dict[str, Any]], limit: int = MAX_C
     """
     from mlflow.exceptions import MlflowException
 
-    from loraflow import registry
-
-    mc = registry.client(uri)
+    mc = registry.mlflow_client(uri)
     runs: dict[str, list[list[float]]] = {}
     for v in versions:
         run_id = v.get("mlflow_run_id")
