@@ -1,8 +1,7 @@
 """The training setups the benchmarks compare, each run on the same model, data and LoRA config.
 
-- ``loraflow``: loraflow's ``HuggingFaceBackend`` driven through its lifecycle steps on a
-  job spec (prepare_config, load_model, maybe_quantize, prepare_training_data,
-  prepare_params), then its Trainer's ``train()``.
+- ``loraflow``: loraflow's own recipe on a job spec: ``recipe.setup`` (the model, data and
+  Trainer stages), then its Trainer's ``train()``.
 - ``hf_padding``: baseline (b), the seeds' recipe: plain HF ``Trainer`` + PEFT LoRA,
   tokenized with ``datasets.map``, ``DataCollatorForSeq2Seq`` padding each batch to its
   longest example.
@@ -219,8 +218,7 @@ def _common_args(w: Workload, out: str) -> dict[str, Any]:
 # -- setups --------------------------------------------------------------------------------------
 
 def build_loraflow(w: Workload, tmp: Path, packing: bool):
-    from loraflow_trainer import spec
-    from loraflow_trainer.backend import HuggingFaceBackend
+    from loraflow_trainer import launch, recipe, spec
 
     body = {
         "model": {"base_model": str(w.model_dir), "quantization": w.quantization,
@@ -235,14 +233,8 @@ def build_loraflow(w: Workload, tmp: Path, packing: bool):
         "output_dir": str(tmp / "output"),
     }
     job = spec.validate(body)
-    job.write(tmp / "job.json")
-    backend = HuggingFaceBackend(job, tmp)
-    backend.prepare_config()
-    backend.load_model()
-    backend.maybe_quantize()
-    backend.prepare_training_data()
-    backend.prepare_params()
-    return backend.trainer, backend.tokenizer, backend
+    built = recipe.setup(job, tmp, tmp / "output", launch.placement(job))
+    return built.trainer, built.tokenizer, lambda: recipe.teardown(built)
 
 
 def build_hf_padding(w: Workload, tmp: Path):
@@ -290,6 +282,7 @@ def build_trl(w: Workload, tmp: Path, mode: str):
     return trainer, tok, None
 
 
+# Each builds (trainer, tokenizer, teardown or None) for a workload in a scratch directory.
 SETUPS = {
     "loraflow": lambda w, tmp: build_loraflow(w, tmp, packing=False),
     "loraflow_packing": lambda w, tmp: build_loraflow(w, tmp, packing=True),
@@ -313,7 +306,7 @@ def run(setup: str, w: Workload, quiet: bool = True, evaluate: bool = True) -> d
     sink = io.StringIO()
     with tempfile.TemporaryDirectory(prefix=f"bench-{setup}-") as tmpdir, \
             (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
-        trainer, tok, backend = SETUPS[setup](w, Path(tmpdir))
+        trainer, tok, teardown = SETUPS[setup](w, Path(tmpdir))
         trainer.remove_callback(PrinterCallback)
         meter = Meter(w.token_budget)
         trainer.add_callback(_callback(meter))
@@ -325,8 +318,8 @@ def run(setup: str, w: Workload, quiet: bool = True, evaluate: bool = True) -> d
         handle.remove()
         peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         loss = eval_loss(trainer.model, tok, w.eval_rows, w.max_seq_length) if evaluate else float("nan")
-        if backend is not None:
-            backend.teardown()
+        if teardown is not None:
+            teardown()
     return summarise(setup, w, meter, setup_s, loss, peak_cuda_mb)
 
 
