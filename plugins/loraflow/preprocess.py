@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from loraflow import dataset
 from loraflow.errors import DataCheckError
+from loraflow_trainer import contract
 from loraflow_trainer.spec import JobSpec
 
 
@@ -115,7 +116,7 @@ def preprocess(source: Path, job: JobSpec, workspace: Path, eval_fraction: float
         raise
     fingerprint = _fingerprint(hexes, extra, job.spec_hash())
     schema = dataset_schema(pd.DataFrame(columns=list(train_out.columns)), fmt, source, n_train, n_eval)
-    _write_json(workspace / "dataset_schema.json", schema)
+    _write_json(workspace / contract.DATASET_SCHEMA_FILE, schema)
     result = Preprocessed(fingerprint, n_train, n_eval, int((~rows.keep).sum()))
     _write_json(workspace / "fingerprint.json", {"fingerprint": fingerprint, "spec_hash": job.spec_hash(), **result.__dict__})
     # The trainer records the fingerprint in metadata.json: put it in the spec it reads.
