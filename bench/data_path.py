@@ -1,9 +1,10 @@
 """Data path: rows/s and peak memory of loraflow's data checks + preprocessing on 1M rows.
 
-Runs the Airflow side's own functions (``loraflow.checks.check`` with the token-length
-check through the fast tokenizer, then ``loraflow.preprocess.preprocess``) on generated
+Runs the Airflow side's own functions (``loraflow.data.checks.check`` with the token-length
+check through the fast tokenizer, then ``loraflow.data.preprocess.preprocess``) on generated
 JSONL datasets, chat and prompt/completion. Each stage runs in a fresh subprocess, as
-Airflow runs each task in its own process, so its peak RSS is its own. Memory is compared with the dataset's size on disk. ``--profile`` adds a cProfile
+Airflow runs each task in its own process, so its peak RSS is its own. Memory is compared
+with the dataset's size on disk. ``--profile`` adds a cProfile
 of each run (top functions by cumulative time) to the JSON and the output.
 
     python bench/data_path.py                 # 1M rows per format
@@ -44,7 +45,9 @@ def dataset(fmt: str, rows: int) -> Path:
             u = f"{u} #{i}"  # unique rows: the duplicate rule should pass, not drop half the data
             if fmt == "chat":
                 msgs = ([{"role": "system", "content": SYSTEM}] if i % 3 == 0 else []) + [
-                    {"role": "user", "content": u}, {"role": "assistant", "content": ans}]
+                    {"role": "user", "content": u},
+                    {"role": "assistant", "content": ans},
+                ]
                 f.write(json.dumps({"messages": msgs}) + "\n")
             else:
                 f.write(json.dumps({"prompt": u, "completion": " " + ans}) + "\n")
@@ -52,23 +55,36 @@ def dataset(fmt: str, rows: int) -> Path:
     return path
 
 
-def child(stage: str, fmt: str, path: Path, tokenizer_json: Path, model_dir: Path, max_seq_length: int, profile: bool,
-          max_gb: float = 0.0) -> None:
+def child(
+    stage: str,
+    fmt: str,
+    path: Path,
+    tokenizer_json: Path,
+    model_dir: Path,
+    max_seq_length: int,
+    profile: bool,
+    max_gb: float = 0.0,
+) -> None:
     """One pipeline task (check or preprocess) in its own process, as Airflow runs each task."""
     sys.path.insert(0, str(common.REPO / "plugins"))
-    from loraflow import checks
-    from loraflow.preprocess import preprocess
-    from loraflow_trainer import spec
     import pyarrow.parquet  # noqa: F401  (the stages' lazy imports count with the imports, not the data)
     import tokenizers  # noqa: F401
+
+    from loraflow.data import checks
+    from loraflow.data.preprocess import preprocess
+    from loraflow_trainer import spec
 
     if max_gb:
         # A shared machine: a run that would need more fails here instead of pushing others into OOM.
         resource.setrlimit(resource.RLIMIT_AS, (int(max_gb * 2**30), int(max_gb * 2**30)))
     rss_imports = common.current_rss_mb()
-    job = spec.validate({"model": {"base_model": str(model_dir)},
-                         "data": {"train_path": "data/train.parquet", "eval_path": "data/eval.parquet", "data_format": fmt},
-                         "training": {"max_seq_length": max_seq_length}})
+    job = spec.validate(
+        {
+            "model": {"base_model": str(model_dir)},
+            "data": {"train_path": "data/train.parquet", "eval_path": "data/eval.parquet", "data_format": fmt},
+            "training": {"max_seq_length": max_seq_length},
+        }
+    )
     prof = None
     if profile:
         import cProfile
@@ -79,13 +95,23 @@ def child(stage: str, fmt: str, path: Path, tokenizer_json: Path, model_dir: Pat
     with tempfile.TemporaryDirectory(prefix="bench-data-") as ws:
         t0 = time.perf_counter()
         if stage == "check":
-            report = checks.check(path, fmt, max_seq_length=max_seq_length, min_rows=10, tokenizer_json=tokenizer_json,
-                                  report_path=Path(ws) / "data_report.json")
+            report = checks.check(
+                path,
+                fmt,
+                max_seq_length=max_seq_length,
+                min_rows=10,
+                tokenizer_json=tokenizer_json,
+                report_path=Path(ws) / "data_report.json",
+            )
             res.update(rows=report["rows"], token_lengths=report.get("token_lengths"), passed=report["passed"])
         else:
             result = preprocess(path, job, Path(ws), eval_fraction=0.05)
-            res.update(rows=result.train_rows + result.eval_rows + result.dropped_duplicates, train_rows=result.train_rows,
-                       eval_rows=result.eval_rows, parquet_out_mb=sum(p.stat().st_size for p in (Path(ws) / "data").glob("*.parquet")) / 2**20)
+            res.update(
+                rows=result.train_rows + result.eval_rows + result.dropped_duplicates,
+                train_rows=result.train_rows,
+                eval_rows=result.eval_rows,
+                parquet_out_mb=sum(p.stat().st_size for p in (Path(ws) / "data").glob("*.parquet")) / 2**20,
+            )
         res["seconds"] = time.perf_counter() - t0
     top = []
     if prof is not None:
@@ -101,18 +127,40 @@ def child(stage: str, fmt: str, path: Path, tokenizer_json: Path, model_dir: Pat
 
 
 def run_stage(stage: str, fmt: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--child", f"{stage}:{fmt}", "--rows", str(a.rows), "--max-seq-length", str(a.max_seq_length),
-           "--max-gb", str(a.max_gb)]
-    proc = subprocess.run(cmd + (["--smoke"] if a.smoke else []) + (["--profile"] if a.profile else []),
-                          text=True, capture_output=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        f"{stage}:{fmt}",
+        "--rows",
+        str(a.rows),
+        "--max-seq-length",
+        str(a.max_seq_length),
+        "--max-gb",
+        str(a.max_gb),
+    ]
+    proc = subprocess.run(
+        cmd + (["--smoke"] if a.smoke else []) + (["--profile"] if a.profile else []), text=True, capture_output=True
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
         print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
         print(f"  data path child {stage}:{fmt} failed with exit {proc.returncode}", flush=True)
-        return {"stage": stage, "format": fmt, "failed": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}",
-                "rows": a.rows, "seconds": float("nan"), "peak_rss_mb": float("nan"), "rss_after_imports_mb": float("nan"),
-                "profile": [], "token_lengths": None, "train_rows": None, "eval_rows": None}
-    return json.loads(line[len(MARK):])
+        last_err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        return {
+            "stage": stage,
+            "format": fmt,
+            "failed": f"exit {proc.returncode}: {last_err[:300]}",
+            "rows": a.rows,
+            "seconds": float("nan"),
+            "peak_rss_mb": float("nan"),
+            "rss_after_imports_mb": float("nan"),
+            "profile": [],
+            "token_lengths": None,
+            "train_rows": None,
+            "eval_rows": None,
+        }
+    return json.loads(line[len(MARK) :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,32 +189,74 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         path = dataset(fmt, a.rows)
         size_mb = path.stat().st_size / 2**20
-        print(f"  dataset {path.name}: {size_mb:.0f} MB (generated/cached in {time.perf_counter() - t:.0f}s)", flush=True)
+        print(
+            f"  dataset {path.name}: {size_mb:.0f} MB (generated/cached in {time.perf_counter() - t:.0f}s)", flush=True
+        )
         chk, pre = run_stage("check", fmt, a), run_stage("preprocess", fmt, a)
         total = chk["seconds"] + pre["seconds"]
         peak = max(chk["peak_rss_mb"], pre["peak_rss_mb"])
-        data_rss = max(chk["peak_rss_mb"] - chk["rss_after_imports_mb"], pre["peak_rss_mb"] - pre["rss_after_imports_mb"])
-        res = {"format": fmt, "rows": chk["rows"], "dataset_mb": size_mb, "check_s": chk["seconds"],
-               "preprocess_s": pre["seconds"], "total_s": total, "rows_per_s": chk["rows"] / total,
-               "check_peak_rss_mb": chk["peak_rss_mb"], "preprocess_peak_rss_mb": pre["peak_rss_mb"],
-               "rss_after_imports_mb": chk["rss_after_imports_mb"], "data_rss_mb": data_rss, "mem_x_dataset": data_rss / size_mb,
-               "peak_x_dataset": peak / size_mb, "token_lengths": chk["token_lengths"], "train_rows": pre["train_rows"],
-               "eval_rows": pre["eval_rows"], "failed": {x["stage"]: x["failed"] for x in (chk, pre) if "failed" in x},
-               "load_average": common.load_average(),
-               "profile": {"check": chk["profile"], "preprocess": pre["profile"]}}
+        data_rss = max(
+            chk["peak_rss_mb"] - chk["rss_after_imports_mb"], pre["peak_rss_mb"] - pre["rss_after_imports_mb"]
+        )
+        res = {
+            "format": fmt,
+            "rows": chk["rows"],
+            "dataset_mb": size_mb,
+            "check_s": chk["seconds"],
+            "preprocess_s": pre["seconds"],
+            "total_s": total,
+            "rows_per_s": chk["rows"] / total,
+            "check_peak_rss_mb": chk["peak_rss_mb"],
+            "preprocess_peak_rss_mb": pre["peak_rss_mb"],
+            "rss_after_imports_mb": chk["rss_after_imports_mb"],
+            "data_rss_mb": data_rss,
+            "mem_x_dataset": data_rss / size_mb,
+            "peak_x_dataset": peak / size_mb,
+            "token_lengths": chk["token_lengths"],
+            "train_rows": pre["train_rows"],
+            "eval_rows": pre["eval_rows"],
+            "failed": {x["stage"]: x["failed"] for x in (chk, pre) if "failed" in x},
+            "load_average": common.load_average(),
+            "profile": {"check": chk["profile"], "preprocess": pre["profile"]},
+        }
         results.append(res)
-        print(f"  {fmt:<18} {res['rows_per_s']:10,.0f} rows/s  check {res['check_s']:.1f}s  preprocess {res['preprocess_s']:.1f}s  "
-              f"peak RSS check {chk['peak_rss_mb']:.0f} MB / preprocess {pre['peak_rss_mb']:.0f} MB "
-              f"({res['mem_x_dataset']:.1f}x dataset above imports)  load {res['load_average'][0]}", flush=True)
+        print(
+            f"  {fmt:<18} {res['rows_per_s']:10,.0f} rows/s  "
+            f"check {res['check_s']:.1f}s  preprocess {res['preprocess_s']:.1f}s  "
+            f"peak RSS check {chk['peak_rss_mb']:.0f} MB / preprocess {pre['peak_rss_mb']:.0f} MB "
+            f"({res['mem_x_dataset']:.1f}x dataset above imports)  load {res['load_average'][0]}",
+            flush=True,
+        )
         if a.profile:
             print("\n".join(chk["profile"] + pre["profile"]))
-    cols = ["format", "rows", "dataset_mb", "check_s", "preprocess_s", "total_s", "rows_per_s", "check_peak_rss_mb",
-            "preprocess_peak_rss_mb", "rss_after_imports_mb", "data_rss_mb", "mem_x_dataset"]
+    cols = [
+        "format",
+        "rows",
+        "dataset_mb",
+        "check_s",
+        "preprocess_s",
+        "total_s",
+        "rows_per_s",
+        "check_peak_rss_mb",
+        "preprocess_peak_rss_mb",
+        "rss_after_imports_mb",
+        "data_rss_mb",
+        "mem_x_dataset",
+    ]
     print()
     print(common.table(results, cols))
     info["load_average_end"] = common.load_average()
-    common.write_result("data_path", {"machine": info, "smoke": a.smoke, "max_seq_length": a.max_seq_length,
-                                      "goal": {"total_s": 30, "mem_x_dataset": 3}, "results": results}, a.out)
+    common.write_result(
+        "data_path",
+        {
+            "machine": info,
+            "smoke": a.smoke,
+            "max_seq_length": a.max_seq_length,
+            "goal": {"total_s": 30, "mem_x_dataset": 3},
+            "results": results,
+        },
+        a.out,
+    )
     return 0
 
 

@@ -53,7 +53,7 @@ def prepare(context) -> str:
 
 
 def check_data(ws: str) -> dict[str, Any]:
-    from loraflow import checks  # pandas, pandera, pyarrow: only the data tasks pay for them
+    from loraflow.data import checks  # pandas, pandera, pyarrow: only the data tasks pay for them
 
     pipeline = Pipeline.load(ws)
     job = workspace.load_job(ws)
@@ -72,7 +72,7 @@ def check_data(ws: str) -> dict[str, Any]:
 
 
 def preprocess(ws: str) -> dict[str, Any]:
-    from loraflow.preprocess import preprocess as _preprocess
+    from loraflow.data.preprocess import preprocess as _preprocess
 
     pipeline = Pipeline.load(ws)
     eval_source = Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None

@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loraflow import checks, config, dataset, workspace
+from loraflow import config, workspace
+from loraflow import data as dataset
+from loraflow.data import checks
+from loraflow.data.preprocess import preprocess
 from loraflow.errors import DataCheckError, ParamsError
-from loraflow.preprocess import preprocess
 from loraflow_trainer import spec
 from tests.conftest import SAMPLE_CHAT, SAMPLE_PC
 from tests.pipeline.conftest import conf, load_dag, task_states

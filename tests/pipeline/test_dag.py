@@ -203,7 +203,7 @@ def test_dagbag_imports_cleanly_without_the_training_stack():
         "bag = DagBag(dag_folder='dags')\n"
         "assert not bag.import_errors, bag.import_errors\n"
         "assert 'loraflow_finetune' in bag.dag_ids\n"
-        "import loraflow.tasks, loraflow.registry, loraflow.checks, loraflow.operators\n"
+        "import loraflow.tasks, loraflow.registry, loraflow.data.checks, loraflow.operators\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'opacus') if m in sys.modules]\n"
         "print('HEAVY=' + ','.join(heavy))\n"
     )

@@ -106,7 +106,7 @@ def test_dataset_paths_must_stay_inside_the_allowed_roots(tmp_path):
 def _preprocess(tmp_path: Path, name: str, lines: list[str], **spec_overrides):
     from loraflow_trainer import spec
 
-    from loraflow.preprocess import preprocess
+    from loraflow.data.preprocess import preprocess
 
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(lines))
@@ -153,7 +153,7 @@ def test_schedule_comes_from_the_environment(monkeypatch):
 
 def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_full_tokenization(tmp_path, tiny_model, monkeypatch):
     """Rows whose UTF-8 length cannot exceed the limit are skipped; the verdict must not change."""
-    from loraflow import checks
+    from loraflow.data import checks
 
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本語", "emoji😀", "x"]
@@ -189,7 +189,7 @@ def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by
     reported with their line numbers; a row exactly at the limit is not."""
     from tokenizers import Tokenizer
 
-    from loraflow import checks
+    from loraflow.data import checks
 
     limit, overhead = 64, checks._OVERHEAD["prompt_completion"]
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
