@@ -11,20 +11,22 @@ from datetime import timedelta
 from airflow.sdk import DAG, task
 
 from loraflow import docs, gpus, params, schedule, tasks
-from loraflow.links import MlflowRunLink
 from loraflow.evaluate_operator import LoraflowEvaluateOperator
+from loraflow.links import MlflowRunLink
 from loraflow.operators import LoraflowTrainOperator
+
+form = params.build_params(schedule.param_defaults())
 
 with DAG(
     dag_id="loraflow_finetune",
     description="Fine-tune a HuggingFace causal LM with LoRA/QLoRA and register it in MLflow",
-    params=params.build_params(schedule.param_defaults()),
+    params=form,
     schedule=schedule.from_env(),
     catchup=False,
     max_active_runs=int(os.environ.get("LORAFLOW_MAX_ACTIVE_RUNS", "4")),
     default_args={"retries": 0, "execution_timeout": timedelta(hours=1)},
     tags=["loraflow", "llm", "lora"],
-    doc_md=docs.FINETUNE_DOC_MD,  # for the people who trigger it; the module docstring is for developers
+    doc_md=docs.finetune_doc_md(form),  # for the people who trigger it; the module docstring is for developers
 ) as dag:
 
     @task(task_id="prepare")

@@ -9,6 +9,7 @@
     loraflow models history NAME
     loraflow models serve REF [--host 127.0.0.1] [--port 8000] [--base-model-path DIR]
     loraflow models export REF --format merged|peft|vllm --out DIR [--register]
+    loraflow params
 
 Tables for people, ``--json`` for scripts. Exit status: 0 ok, 1 a loraflow error (cause and
 fix on stderr), 2 bad usage, 3 the MLflow server cannot be reached.
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraflow", description="Use the models loraflow registered in MLflow.")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     groups = p.add_subparsers(dest="group", required=True)
+    about = "the trigger form's params: section, name, default and what each sets (the job spec's descriptions)"
+    form = groups.add_parser("params", help=about, description=about)
+    form.add_argument("--json", action="store_true", help="print JSON instead of text")
+    form.set_defaults(run=_params, render=_render_params)
     models = groups.add_parser("models", help="registered models and versions").add_subparsers(dest="command", required=True)
 
     def cmd(name: str, help: str, run, render):
@@ -180,6 +185,22 @@ def _history(args) -> Any:
 
 
 # -- rendering -----------------------------------------------------------------------------
+
+
+def _params(args) -> Any:
+    from loraflow import params, schedule
+
+    return params.reference(params.build_params(schedule.param_defaults()))  # the defaults the DAG's form shows
+
+
+def _render_params(rows: list[dict]) -> str:
+    out, section = [], None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            out.append(f"\n{section}" if out else section)
+        out.append(f"  {row['name']} = {json.dumps(row['default'])}  ({row['title']})\n      {row['description']}")
+    return "\n".join(out)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -1,6 +1,15 @@
-"""The DAG's documentation as its users read it in the Airflow UI (``doc_md``)."""
+"""The DAG's documentation as its users read it in the Airflow UI (``doc_md``).
+
+The overview is written here; the params part is rendered from the form's params, whose
+descriptions are the job spec's and the pipeline settings' field descriptions.
+"""
 
 from __future__ import annotations
+
+import json
+from typing import Any
+
+from loraflow import params
 
 FINETUNE_DOC_MD = """\
 ### Fine-tune a language model with LoRA and register it in MLflow
@@ -38,3 +47,22 @@ belongs to `prepare`, so when `prepare` itself refuses the params nothing was st
   MLflow model, `metrics.json`, `samples.jsonl` and `events.jsonl` (every progress event as
   JSON, for tools).
 """
+
+
+def finetune_doc_md(form: dict[str, Any]) -> str:
+    """The DAG's ``doc_md``: the overview, then every param of ``form`` (the DAG's params)."""
+    return f"{FINETUNE_DOC_MD}\n{params_markdown(params.reference(form))}"
+
+
+def params_markdown(rows: list[dict[str, Any]]) -> str:
+    """The params section by section, each with its name (the conf key), title, default and description."""
+    lines = ["**Params.** Each name below is also its key in a REST or CLI `conf`."]
+    section = None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            lines += ["", f"*{section}*", ""]
+        lines.append(
+            f"- `{row['name']}` ({row['title']}; default `{json.dumps(row['default'])}`): {row['description']}"
+        )
+    return "\n".join(lines) + "\n"

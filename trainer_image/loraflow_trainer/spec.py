@@ -5,7 +5,10 @@ library only, so the Airflow side can validate and write a spec without torch, a
 trainer can read it without airflow.
 
 Every field name is unique across sections. That lets the same word name the field
-here, the trigger-form Param, the MLflow param and the docs (``flat_params``).
+here, the trigger-form Param, the MLflow param and the docs (``flat_params``). Each field
+is documented once, where it is declared: its ``title`` and the docstring under it (its
+description), which the trigger form, the DAG's docs and both CLIs read (``json_schema``).
+
 Relative paths in a spec resolve against the directory that holds ``job.json``, so one
 spec works on the host and inside the container, where the workspace is mounted at a
 different path.
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraflow_trainer import contract
 from loraflow_trainer.errors import JobSpecError
 
 SPEC_VERSION = 1
@@ -37,41 +41,54 @@ Distributed = Literal["auto", "ddp", "fsdp"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A field's docstring is its description (pydantic reads it into the field and the JSON schema).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSpec(_Section):
-    base_model: str = Field(
-        description="Base model: a local directory (absolute, or relative to job.json) or a hub id.",
-        min_length=1,
-    )
-    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    torch_dtype: TorchDtype = Field("auto", description="Weights dtype; auto picks bfloat16 on GPUs that support it, else float32.")
-    quantization: Quantization = Field("none", description="none (LoRA), 4bit (QLoRA NF4) or 8bit (LLM.int8).")
-    rope_scaling_factor: float | None = Field(
-        None, ge=1.0, le=64.0, description="Linear RoPE scaling factor to extend the context; empty keeps the model's."
-    )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the repo.")
+    base_model: str = Field(min_length=1, max_length=4096, title="Base model")
+    """A saved HF model directory or a hub id such as org/name. In the trigger form, a directory under the model
+    cache (LORAFLOW_MODELS), e.g. tiny-llama; in job.json, a path absolute or relative to job.json."""
+    model_revision: str | None = Field(None, title="Model revision")
+    """Hub revision (branch, tag or commit) of a hub base model."""
+    torch_dtype: TorchDtype = Field("auto", title="Weights dtype")
+    """Dtype of the base weights; auto picks bfloat16 on GPUs that support it, else float32."""
+    quantization: Quantization = Field("none", title="Quantization")
+    """none trains LoRA on full-precision weights; 4bit is QLoRA (NF4); 8bit is LLM.int8."""
+    rope_scaling_factor: float | None = Field(None, ge=1.0, le=64.0, title="RoPE scaling factor")
+    """Linear RoPE scaling to extend the context; empty keeps the model's own."""
+    trust_remote_code: bool = Field(False, title="Trust remote code")
+    """Allow model code from the hub; off unless you trust the repo."""
 
 
 class DataSpec(_Section):
-    train_path: str = Field(description="Training data (Parquet, JSONL or CSV), relative to job.json or absolute.")
-    eval_path: str | None = Field(None, description="Evaluation data in the same format; empty disables eval loss.")
-    data_format: DataFormat = Field("text", description="text, prompt_completion or chat (a messages column).")
-    text_column: str = Field("text", min_length=1)
-    prompt_column: str = Field("prompt", min_length=1)
-    completion_column: str = Field("completion", min_length=1)
-    messages_column: str = Field("messages", min_length=1)
+    train_path: str = Field(title="Training data")
+    """Training data (Parquet, JSONL or CSV), relative to job.json or absolute."""
+    eval_path: str | None = Field(None, title="Evaluation data")
+    """Evaluation data in the same format; empty disables eval loss."""
+    data_format: DataFormat = Field("text", title="Data format")
+    """text (a text column), prompt_completion (prompt + completion) or chat (a messages column)."""
+    text_column: str = Field("text", min_length=1, title="Text column")
+    """The column of the text format's examples."""
+    prompt_column: str = Field("prompt", min_length=1, title="Prompt column")
+    """The prompt_completion format's prompt column."""
+    completion_column: str = Field("completion", min_length=1, title="Completion column")
+    """The prompt_completion format's completion column."""
+    messages_column: str = Field("messages", min_length=1, title="Messages column")
+    """The chat format's column: a list of {role, content} messages per example."""
 
 
 class LoraSpec(_Section):
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r, or alpha / sqrt(r) with rsLoRA).")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear."
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    lora_r: int = Field(16, ge=1, le=1024, title="LoRA rank (r)")
+    """Rank of the low-rank update; 8-64 is typical."""
+    lora_alpha: int = Field(32, ge=1, le=4096, title="LoRA alpha")
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, title="LoRA dropout")
+    """Dropout on the LoRA input during training."""
+    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear", title="Target modules")
+    """Module names to adapt, or all-linear."""
+    use_rslora: bool = Field(False, title="rsLoRA")
+    """Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)."""
 
 
 # A million optimizer steps is weeks on one GPU: a larger value is a typo, not a plan.
@@ -80,43 +97,64 @@ MAX_SEED = 2**32 - 1  # numpy's RandomState (seeded by transformers.set_seed) re
 
 
 class TrainingSpec(_Section):
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    num_train_epochs: float = Field(1.0, gt=0.0, le=100.0)
-    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, description="Stop after this many optimizer steps; -1 trains num_train_epochs.")
-    per_device_train_batch_size: int = Field(8, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    max_seq_length: int = Field(512, ge=8, le=1_048_576)
-    warmup_steps: int = Field(0, ge=0)
-    lr_scheduler_type: Scheduler = "linear"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed (numpy takes seeds below 2**32).")
-    packing: bool = Field(True, description="Pack examples into full rows without cross-example attention "
-                          "(padding-free; off with DP-SGD, whose privacy unit is one example per row).")
-    loss_on: LossOn = Field("completion", description="all tokens, or only completions / assistant turns.")
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point on a retry).")
-    save_total_limit: int = Field(2, ge=1)
-    distributed: Distributed = Field(
-        "auto", description="How more than one process trains: ddp replicates the model on each device, fsdp shards "
-        "parameters, gradients and optimizer state (models that do not fit one device); auto is ddp.")
-    num_processes: int | None = Field(
-        None, ge=1, le=64, description="Training processes on this node; empty means one per visible GPU (one on CPU). "
-        "The effective batch is per_device_train_batch_size x gradient_accumulation_steps x processes.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, title="Learning rate")
+    """Peak learning rate of the scheduler."""
+    num_train_epochs: float = Field(1.0, gt=0.0, le=100.0, title="Epochs")
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, title="Max steps")
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs."""
+    per_device_train_batch_size: int = Field(8, ge=1, le=4096, title="Batch size")
+    """Examples per device per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, title="Gradient accumulation")
+    """Steps to accumulate before an optimizer step."""
+    max_seq_length: int = Field(512, ge=8, le=1_048_576, title="Max sequence length")
+    """Tokens per example; the data check fails rows longer than this."""
+    warmup_steps: int = Field(0, ge=0, title="Warm-up steps")
+    """Linear warm-up steps."""
+    lr_scheduler_type: Scheduler = Field("linear", title="LR scheduler")
+    """Learning-rate schedule after the warm-up."""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, title="Weight decay")
+    """The optimizer's weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0.0, title="Max gradient norm")
+    """Gradient clipping norm of each optimizer step."""
+    seed: int = Field(42, ge=0, le=MAX_SEED, title="Seed")
+    """Random seed for initialisation and data order (numpy takes seeds below 2**32)."""
+    packing: bool = Field(True, title="Packing")
+    """Pack examples into full rows without cross-example attention (padding-free, faster on short examples); off
+    with DP-SGD, whose privacy unit is one example per row."""
+    loss_on: LossOn = Field("completion", title="Loss on")
+    """completion: learn only completions / assistant turns; all: every token."""
+    gradient_checkpointing: bool = Field(False, title="Gradient checkpointing")
+    """Recompute activations in the backward pass: less memory, slower steps; not with DP-SGD."""
+    logging_steps: int = Field(1, ge=1, title="Log every")
+    """Log the loss and learning rate every N optimizer steps."""
+    save_steps: int = Field(50, ge=1, title="Checkpoint every")
+    """Save a checkpoint every N optimizer steps (a retry resumes from the last one)."""
+    save_total_limit: int = Field(2, ge=1, title="Checkpoints kept")
+    """How many of the newest checkpoints are kept."""
+    distributed: Distributed = Field("auto", title="Multi-GPU strategy")
+    """How more than one process trains: ddp replicates the model on each device, fsdp shards parameters, gradients
+    and optimizer state (models that do not fit one device); auto is ddp."""
+    num_processes: int | None = Field(None, ge=1, le=64, title="Training processes")
+    """Training processes on the node; empty means one per GPU of the run (one on CPU). The effective batch is
+    per_device_train_batch_size x gradient_accumulation_steps x processes."""
 
 
 class PrivacySpec(_Section):
-    dp_enabled: bool = Field(False, description="Train with DP-SGD (Opacus).")
-    dp_target_epsilon: float = Field(8.0, gt=0.0, le=1000.0)
-    dp_delta: float | None = Field(None, gt=0.0, lt=1.0, description="Empty means 1 / n_train^1.1; must be below 1 / n_train.")
-    dp_max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample gradient clipping norm.")
-    dp_reproducible: bool = Field(
-        False, description="Draw the DP batches and noise from seed, so the run can be repeated exactly; seed is public "
-        "(job.json, MLflow), so the batches are too. Off draws them from the OS's secure random source.")
-    dp_log_train_metrics: bool = Field(
-        False, description="Log and save a DP run's training loss, gradient norm and token counts; they are computed "
-        "from the private batches without noise, so they are outside the DP guarantee.")
+    dp_enabled: bool = Field(False, title="Differential privacy")
+    """Train with DP-SGD (Opacus); epsilon is reported in the metrics."""
+    dp_target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, title="Target epsilon")
+    """Privacy budget to reach at the end of training (lower is more private)."""
+    dp_delta: float | None = Field(None, gt=0.0, lt=1.0, title="Delta")
+    """DP failure probability; empty means 1 / n^1.1 for n training examples, and it must be below 1 / n."""
+    dp_max_grad_norm: float = Field(1.0, gt=0.0, title="Per-sample clip norm")
+    """DP-SGD clips each example's gradient to this norm."""
+    dp_reproducible: bool = Field(False, title="Reproducible DP batches")
+    """Draw the DP batches and noise from seed, so the run can be repeated exactly; seed is public (job.json,
+    MLflow), so the batches are too. Off draws them from the OS's secure random source."""
+    dp_log_train_metrics: bool = Field(False, title="Log private train loss")
+    """Log and save a DP run's training loss, gradient norm and token counts; they are computed from the private
+    batches without noise, so they are outside the DP guarantee."""
 
     def delta_for(self, n: int) -> float:
         """dp_delta, or the default 1 / n^1.1 for n training examples."""
@@ -126,32 +164,39 @@ class PrivacySpec(_Section):
         """Refuse a delta or batch the DP accountant's assumptions do not hold for, given n
         training examples (torch-free, so it runs before any model loads)."""
         if n < 2:
-            raise JobSpecError(f"DP-SGD needs at least 2 training examples, the data has {n}; add data or turn dp_enabled off")
+            raise JobSpecError(
+                f"DP-SGD needs at least 2 training examples, the data has {n}; add data or turn dp_enabled off"
+            )
         if logical_batch >= n:
             raise JobSpecError(
-                f"the DP batch (per_device_train_batch_size x gradient_accumulation_steps = {logical_batch}) must be smaller "
-                f"than the {n} training examples: each example joins a step with probability batch / n, which must be "
-                "below 1 for subsampling to protect anyone; lower the batch or add data"
+                "the DP batch (per_device_train_batch_size x gradient_accumulation_steps = "
+                f"{logical_batch}) must be smaller than the {n} training examples: each example joins a step "
+                "with probability batch / n, which must be below 1 for subsampling to protect anyone; lower "
+                "the batch or add data"
             )
         if self.dp_delta is not None and self.dp_delta >= 1.0 / n:
             raise JobSpecError(
-                f"dp_delta {self.dp_delta:g} is not below 1/n = {1.0 / n:.3g} for the n = {n} training examples: a delta "
-                f"that large allows publishing an example outright; leave dp_delta empty for the default 1/n^1.1 = "
-                f"{1.0 / n**1.1:.3g}, or set one below 1/n"
+                f"dp_delta {self.dp_delta:g} is not below 1/n = {1.0 / n:.3g} for the n = {n} training examples: "
+                "a delta that large allows publishing an example outright; leave dp_delta empty for the "
+                f"default 1/n^1.1 = {1.0 / n**1.1:.3g}, or set one below 1/n"
             )
 
 
 class EvalSpec(_Section):
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; empty evaluates at the end only.")
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    num_sample_generations: int = Field(4, ge=0, le=100, description="Prompts to generate from before and after training.")
-    sample_max_new_tokens: int = Field(32, ge=1, le=4096)
+    eval_steps: int | None = Field(None, ge=1, title="Eval every")
+    """Compute eval loss every N steps; empty evaluates at the end only."""
+    per_device_eval_batch_size: int = Field(8, ge=1, title="Eval batch size")
+    """Examples per device per eval step."""
+    num_sample_generations: int = Field(4, ge=0, le=100, title="Sample generations")
+    """Prompts to generate from before and after training (samples.jsonl)."""
+    sample_max_new_tokens: int = Field(32, ge=1, le=4096, title="Sample length")
+    """New tokens per sample generation."""
 
 
 class JobSpec(BaseModel):
     """One training job."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     spec_version: int = SPEC_VERSION
     model: ModelSpec
@@ -160,15 +205,20 @@ class JobSpec(BaseModel):
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec = PrivacySpec()
     evaluation: EvalSpec = EvalSpec()
-    output_dir: str = Field("output", description="Where outputs go, relative to job.json or absolute.")
-    data_fingerprint: str | None = Field(None, description="Content hash of the data and spec, set by the pipeline.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form lineage (dag_id, run_id, ...).")
+    output_dir: str = Field("output", title="Output directory")
+    """Where outputs go, relative to job.json or absolute."""
+    data_fingerprint: str | None = Field(None, title="Data fingerprint")
+    """Content hash of the data and spec, set by the pipeline."""
+    labels: dict[str, str] = Field(default_factory=dict, title="Labels")
+    """Free-form lineage (dag_id, run_id, ...)."""
 
     @field_validator("spec_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v != SPEC_VERSION:
-            raise ValueError(f"this trainer reads spec_version {SPEC_VERSION}, not {v}; regenerate job.json with a matching loraflow")
+            raise ValueError(
+                f"this trainer reads spec_version {SPEC_VERSION}, not {v}; regenerate job.json with a matching loraflow"
+            )
         return v
 
     @model_validator(mode="before")
@@ -190,15 +240,20 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.privacy.dp_enabled and self.model.quantization != "none":
-            raise ValueError("privacy.dp_enabled needs model.quantization='none': Opacus cannot compute per-sample grads through k-bit layers")
+            raise ValueError(
+                "privacy.dp_enabled needs model.quantization='none': Opacus cannot compute per-sample grads "
+                "through k-bit layers"
+            )
         if self.privacy.dp_enabled and self.training.gradient_checkpointing:
             raise ValueError(
                 "privacy.dp_enabled cannot be combined with training.gradient_checkpointing: checkpointed layers "
                 "give Opacus no per-sample gradients; turn gradient_checkpointing off"
             )
         if self.privacy.dp_enabled and (self.training.num_processes or 1) > 1:
-            raise ValueError("privacy.dp_enabled trains on one process: set training.num_processes to 1 (or leave it empty "
-                             "and give the run one GPU)")
+            raise ValueError(
+                "privacy.dp_enabled trains on one process: set training.num_processes to 1 (or leave it empty "
+                "and give the run one GPU)"
+            )
         return self
 
     @property
@@ -235,10 +290,7 @@ class JobSpec(BaseModel):
     # -- io --------------------------------------------------------------------
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=2))
-        tmp.replace(path)
+        contract.atomic_write(path, self.model_dump_json(indent=2))
 
 
 SECTION_OF: dict[str, str] = {
@@ -266,7 +318,9 @@ def from_flat(flat: dict[str, Any], **top: Any) -> JobSpec:
         else:
             sections.setdefault(section, {})[key] = value
     if unknown:
-        raise JobSpecError(f"unknown setting(s) {', '.join(sorted(unknown))}; the known names are listed in the job spec docs")
+        raise JobSpecError(
+            f"unknown setting(s) {', '.join(sorted(unknown))}; the known names are listed in the job spec docs"
+        )
     return validate({**sections, **top})
 
 
@@ -274,7 +328,11 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if err["type"] != "missing" else f"{where}: required field is missing")
+        lines.append(
+            f"{where}: {err['msg']} (got {err.get('input')!r})"
+            if err["type"] != "missing"
+            else f"{where}: required field is missing"
+        )
     return "; ".join(lines)
 
 
@@ -296,7 +354,9 @@ def load(path: str | Path) -> JobSpec:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise JobSpecError(f"job spec {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        raise JobSpecError(
+            f"job spec {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
+        ) from None
     if not isinstance(data, dict):
         raise JobSpecError(f"job spec {path} must be a JSON object, not {type(data).__name__}")
     return validate(data)
