@@ -85,6 +85,14 @@ def linear_params(model_dir: Path) -> int:
     return layers * per_layer + h * c.vocab_size  # + LM head
 
 
+def long_rows(n: int) -> list[dict[str, str]]:
+    """Prompt/completion rows with long completions (~500 words median): where GPU throughput matters."""
+    gen = common.TextGen(seed=5)
+    prompts = gen.texts(gen.lengths(n, median=60, sigma=0.8, hi=600))
+    completions = gen.texts(gen.lengths(n, median=500, sigma=0.7, hi=1800))
+    return [{"prompt": pr + " ?", "completion": " " + c + "."} for pr, c in zip(prompts, completions, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["1b", "8b"], choices=list(SIZES))
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return scaling(a, info)
     if not torch.cuda.is_available():
         print("no CUDA GPU present: the GPU benchmark needs one and was skipped (nothing measured)")
-        common.write_result("gpu", {"machine": info, "smoke": a.smoke, "skipped": "no CUDA GPU present", "results": []}, a.out)
+        common.write_result("gpu", {"machine": info, "smoke": a.smoke, "skipped": "no CUDA GPU present", "results": []},
+                            a.out)
         return 0
 
     import runners
@@ -117,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(0)
     peak = peak_tflops(name)
     rows = common.prompt_completion_rows(64, seed=9)  # eval rows
-    gen = common.TextGen(seed=5)
     n = 64 if a.smoke else 2000
-    long_rows = [{"prompt": pr + " ?", "completion": " " + c + "."} for pr, c in zip(
-        gen.texts(gen.lengths(n, median=60, sigma=0.8, hi=600)), gen.texts(gen.lengths(n, median=500, sigma=0.7, hi=1800)),
-        strict=True)]
-    train_path = common.write_jsonl(common.CACHE / f"gpu-train-{n}.jsonl", long_rows)
+    train_rows = long_rows(n)
+    train_path = common.write_jsonl(common.CACHE / f"gpu-train-{n}.jsonl", train_rows)
     results = []
     sizes = ["smoke"] if a.smoke else a.sizes
     for size in sizes:
@@ -132,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             w = runners.Workload(
                 model_dir=model_dir, train_path=train_path, eval_rows=rows[:8], batch_size=a.batch_size,
                 max_seq_length=a.max_seq_length, token_budget=2000 if a.smoke else a.tokens, learning_rate=2e-4,
-                quantization=quant, bf16=torch.cuda.is_bf16_supported(), gradient_checkpointing=not a.no_gradient_checkpointing,
-                mean_tokens=runners.mean_tokens(model_dir, long_rows, a.max_seq_length),
+                quantization=quant, bf16=torch.cuda.is_bf16_supported(),
+                gradient_checkpointing=not a.no_gradient_checkpointing,
+                mean_tokens=runners.mean_tokens(model_dir, train_rows, a.max_seq_length),
             )
             runs = []
             for r in range(a.rounds):
@@ -161,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                 if x["size"] == size and x["quantization"] == quant:
                     x["x_vs_b"] = x["tokens_per_s"] / base if base else None
             print(common.table([x for x in results if x["size"] == size and x["quantization"] == quant],
-                               ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib", "pad_fraction",
-                                "eval_loss", "oom"]), flush=True)
+                               ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib",
+                                "pad_fraction", "eval_loss", "oom"]), flush=True)
     print(f"\nGPU {name}, dense bf16 peak {peak} TFLOP/s; MFU = tokens/s * 4 * N_linear / peak")
     print(common.table(results, ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib", "oom"]))
     common.write_result("gpu", {"machine": info, "smoke": a.smoke, "gpu": name, "peak_tflops": peak,
-                                "mfu_formula": "tokens_per_s * 4 * N_linear / peak_dense_bf16", "results": results}, a.out)
+                                "mfu_formula": "tokens_per_s * 4 * N_linear / peak_dense_bf16", "results": results},
+                        a.out)
     return 0
 
 
@@ -185,10 +193,7 @@ def scaling(a, info: dict) -> int:
         print(msg)
         common.write_result("gpu_scaling", {"machine": info, "skipped": msg, "results": []}, a.out)
         return 0
-    gen = common.TextGen(seed=5)
-    rows = [{"prompt": pr + " ?", "completion": " " + c + "."} for pr, c in zip(
-        gen.texts(gen.lengths(4000, median=60, sigma=0.8, hi=600)), gen.texts(gen.lengths(4000, median=500, sigma=0.7, hi=1800)),
-        strict=True)]
+    rows = long_rows(4000)
     results = []
     for size in a.sizes:
         model_dir = common.bench_model() if a.smoke else build_model(size)
@@ -213,16 +218,19 @@ def scaling(a, info: dict) -> int:
                     results.append({"size": size, "quantization": quant, "gpus": procs, "failed": proc.returncode})
                     continue
                 m = json.loads((job_dir / "output" / "metrics.json").read_text())
-                results.append({"size": size, "quantization": quant, "gpus": procs, "tokens_per_s": m["tokens_per_second"],
+                results.append({"size": size, "quantization": quant, "gpus": procs,
+                                "tokens_per_s": m["tokens_per_second"],
                                 "tokens_per_s_per_gpu": m["tokens_per_second_per_device"],
                                 "effective_batch": m["effective_batch_size"], "peak_gib": m["peak_memory_mb"] / 1024})
-            one = next((x for x in results if (x["size"], x["quantization"], x["gpus"]) == (size, quant, 1) and "tokens_per_s" in x), None)
+            one = next((x for x in results
+                        if (x["size"], x["quantization"], x["gpus"]) == (size, quant, 1) and "tokens_per_s" in x), None)
             for x in results:
                 if (x["size"], x["quantization"]) == (size, quant) and one and "tokens_per_s" in x:
                     x["ratio_vs_1"] = x["tokens_per_s"] / one["tokens_per_s"]
                     x["efficiency"] = x["ratio_vs_1"] / x["gpus"]
     name = torch.cuda.get_device_name(0)
-    print(f"\nloraflow-train data-parallel scaling on {n} x {name} (per-device batch {a.batch_size}, seq {a.max_seq_length})")
+    print(f"\nloraflow-train data-parallel scaling on {n} x {name} "
+          f"(per-device batch {a.batch_size}, seq {a.max_seq_length})")
     print(common.table(results, ["size", "quantization", "gpus", "tokens_per_s", "tokens_per_s_per_gpu", "ratio_vs_1",
                                  "efficiency", "effective_batch", "peak_gib"]))
     common.write_result("gpu_scaling", {"machine": info, "gpu": name, "gpus": n, "results": results}, a.out)

@@ -269,7 +269,8 @@ def build_trl(w: Workload, tmp: Path, mode: str):
     model = _prepare_kbit(model, w) if w.quantization != "none" else model
     ds = datasets.load_dataset("json", data_files=str(w.train_path), split="train")
     args = _common_args(w, str(tmp / "trl"))
-    extra: dict[str, Any] = {"max_length": w.max_seq_length, "completion_only_loss": True, "gradient_checkpointing": w.gradient_checkpointing}
+    extra: dict[str, Any] = {"max_length": w.max_seq_length, "completion_only_loss": True,
+                             "gradient_checkpointing": w.gradient_checkpointing}
     if mode == "packing":
         # Packed rows hold ~max_length tokens each: fewer rows per step keep the tokens per step equal.
         extra["packing"] = True
@@ -343,7 +344,8 @@ def summarise(setup: str, w: Workload, m: Meter, setup_s: float, loss: float, pe
         "tokens_per_s": rate,
         "time_to_budget_s": reach,
         "tokens_per_cpu_s": cpu_rate,
-        "cpu_s_to_budget": next((c for c, (t, k) in zip(m.cpu, m.steps, strict=True) if k >= w.token_budget), m.cpu[-1]),
+        "cpu_s_to_budget": next((c for c, (_t, k) in zip(m.cpu, m.steps, strict=True) if k >= w.token_budget),
+                                m.cpu[-1]),
         "setup_s": setup_s,
         "train_loss_last20pct": sum(tail) / len(tail) if tail else float("nan"),
         "first_loss": m.losses[0] if m.losses else float("nan"),

@@ -133,7 +133,8 @@ def test_saved_mlflow_model_loads_and_generates(make_job):
     from peft import PeftModel
 
     tokenizer = AutoTokenizer.from_pretrained(job.model.base_model)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(job.model.base_model), out / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(job.model.base_model)
+    reference = PeftModel.from_pretrained(base, out / "adapter").eval()
     prompt = "What is 2 plus 3?"
     for n in (2, 9):
         [result] = model.predict([prompt], params={"max_new_tokens": n})

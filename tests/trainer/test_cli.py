@@ -12,7 +12,8 @@ from loraflow_trainer import errors
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "loraflow_trainer", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "loraflow_trainer", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
 
 
 def _cause(proc) -> str:
@@ -66,7 +67,8 @@ def test_missing_model_exits_model_not_found(make_job, tmp_path):
     assert proc.returncode == errors.EXIT_MODEL_NOT_FOUND and "base model" in _cause(proc)
 
 
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\)  loss (\d+\.\d{4})  lr \d\.\de-\d+  [\d,]+ tok/s  eta \d+(m\d\ds)?s?$")
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\)  loss (\d+\.\d{4})  lr \d\.\de-\d+  [\d,]+ tok/s  "
+                       r"eta \d+(m\d\ds)?s?$")
 
 
 def _events(job_path, kind: str | None = None) -> list[dict]:

@@ -92,7 +92,8 @@ def test_two_processes_train_what_one_process_trains_and_write_one_set_of_output
     # Rank 0 alone wrote: one marker, one sample per prompt, one "saved", nothing half-written.
     assert (out2 / "_SUCCESS").exists()
     assert sorted(p.name for p in out2.iterdir()) == sorted(p.name for p in out1.iterdir())
-    assert len((out2 / "samples.jsonl").read_text().splitlines()) == len((out1 / "samples.jsonl").read_text().splitlines())
+    samples1, samples2 = ((o / "samples.jsonl").read_text().splitlines() for o in (out1, out2))
+    assert len(samples2) == len(samples1)
     assert len(_events(out2, "saved")) == 1 and p2.stdout.count("saved the adapter") == 1
 
 
@@ -168,7 +169,8 @@ def _alive(pid: int | None) -> bool:
 
 @pytest.mark.parametrize("env, expected, code", [
     ({"LORAFLOW_GPUS": "7"}, "leased GPU(s) 7 but the trainer sees 0 CUDA device(s)", errors.EXIT_NO_GPU),
-    ({"LORAFLOW_GPUS": "0,1", "LORAFLOW_GPUS_ON_CPU": "1", "DP": "1"}, "DP-SGD trains on one process", errors.EXIT_BAD_SPEC),
+    ({"LORAFLOW_GPUS": "0,1", "LORAFLOW_GPUS_ON_CPU": "1", "DP": "1"}, "DP-SGD trains on one process",
+     errors.EXIT_BAD_SPEC),
 ], ids=["gpu-the-container-lacks", "dp-on-two-processes"])
 def test_impossible_device_requests_are_refused_before_the_model_loads(make_job, env, expected, code):
     job_path, _ = make_job(**({"privacy": {"dp_enabled": True}} if env.pop("DP", None) else {}))
@@ -180,7 +182,8 @@ def test_impossible_device_requests_are_refused_before_the_model_loads(make_job,
 
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(make_job, tmp_path):
     """docker stop sends SIGTERM to the launcher; every rank checkpoints the same step and the run exits 130."""
-    job = _job(make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40, save_steps=100)
+    job = _job(make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40,
+               save_steps=100)
     proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), cwd=job.parent, start_new_session=True)
     try:

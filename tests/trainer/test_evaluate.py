@@ -21,7 +21,8 @@ def evaluate(*args, cwd=None):
 
 
 def _train(job_path):
-    out = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -46,7 +47,7 @@ def test_trained_adapter_beats_an_untrained_one_on_the_same_examples_and_the_sui
     n = ev["n_examples"]
     assert n == 16 and len(ch["losses"]) == len(champ["losses"]) == len(base["losses"]) == n
     # paired: the trained adapter is better on (nearly) every one of the same examples
-    wins = sum(a < b for a, b in zip(ch["losses"], champ["losses"]))
+    wins = sum(a < b for a, b in zip(ch["losses"], champ["losses"], strict=True))
     assert wins >= n - 1 and ch["eval_loss"] < champ["eval_loss"]
     # a 1-step, lr 1e-6 adapter is the base to within noise
     assert abs(champ["eval_loss"] - base["eval_loss"]) < 0.05

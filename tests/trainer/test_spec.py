@@ -24,8 +24,10 @@ def test_packing_is_on_by_default_and_dp_turns_it_off_while_quantization_is_refu
     assert spec.validate(base).training.packing is True
     dp = {**base, "privacy": {"dp_enabled": True}}
     assert spec.validate(dp).training.packing is False
-    assert spec.validate({**dp, "training": {"packing": True}}).training.packing is False  # one example per row under DP
-    assert spec.from_flat({"base_model": "m", "train_path": "t.jsonl", "dp_enabled": True, "packing": True}).training.packing is False
+    # One example per row under DP.
+    assert spec.validate({**dp, "training": {"packing": True}}).training.packing is False
+    flat = {"base_model": "m", "train_path": "t.jsonl", "dp_enabled": True, "packing": True}
+    assert spec.from_flat(flat).training.packing is False
     base = dp
     with pytest.raises(JobSpecError, match="quantization"):
         spec.validate({**base, "model": {"base_model": "m", "quantization": "4bit"}})

@@ -52,7 +52,8 @@ def weights_sha256(model_dir: Path) -> str:
     model_dir = Path(model_dir).resolve()
     files = weight_files(model_dir)
     if not files:
-        raise BaseModelError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it is not a saved model")
+        raise BaseModelError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); "
+                             "it is not a saved model")
     key = (str(model_dir), *((f, (model_dir / f).stat().st_size, (model_dir / f).stat().st_mtime_ns) for f in files))
     if key not in _memo:
         lines = "".join(f"{file_sha256(model_dir / f)}  {f}\n" for f in files)
@@ -74,7 +75,8 @@ def cache_roots() -> list[Path]:
     return [*roots, Path(CONTAINER_MODELS)]
 
 
-def reference(base_model: str, model_dir: Path | None, revision: str | None = None, commit: str | None = None) -> dict[str, Any]:
+def reference(base_model: str, model_dir: Path | None, revision: str | None = None,
+              commit: str | None = None) -> dict[str, Any]:
     """The portable reference of a base: ``{"kind": "hub", ...}`` or ``{"kind": "cache", "name", "sha256", ...}``."""
     if model_dir is None:
         return {"kind": "hub", "id": base_model, "revision": commit or revision or "main"}
@@ -91,7 +93,8 @@ def reference(base_model: str, model_dir: Path | None, revision: str | None = No
 
 
 def candidates(ref: dict[str, Any], given: str | Path | None = None, cache: str | Path | None = None) -> list[Path]:
-    """Where ``resolve`` looks, in order: the given path alone, else the cache (``$LORAFLOW_MODELS``), then the training path."""
+    """Where ``resolve`` looks, in order: the given path alone, else the cache (``$LORAFLOW_MODELS``), then the
+    training path."""
     if given:
         return [Path(given).expanduser()]
     out = []
@@ -134,7 +137,8 @@ def resolve(ref: dict[str, Any], given: str | Path | None = None, cache: str | P
             return str(cand.resolve())
         looked.append(f"{cand} (found weights sha256 {found})")
     fix = (f"pass --base-model-path DIR (or {BASE_PATH_ENV}) naming a directory that holds those weights" if given else
-           f"copy that model into ${MODELS_ENV}/{ref['name']} ({MODELS_ENV}={cache or os.environ.get(MODELS_ENV) or 'unset'}) "
+           f"copy that model into ${MODELS_ENV}/{ref['name']} "
+           f"({MODELS_ENV}={cache or os.environ.get(MODELS_ENV) or 'unset'}) "
            f"or name its directory with --base-model-path (loraflow CLI) or {BASE_PATH_ENV} (mlflow.pyfunc)")
     raise BaseModelError(f"{describe(ref)} expected, not found: looked at {'; '.join(looked) or 'nowhere'}; {fix}")
 

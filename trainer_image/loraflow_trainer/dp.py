@@ -89,12 +89,14 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate(history, sample_rate: float, steps: int, target: float, delta: float, tolerance: float = EPSILON_TOLERANCE) -> float | None:
+def calibrate(history, sample_rate: float, steps: int, target: float, delta: float,
+              tolerance: float = EPSILON_TOLERANCE) -> float | None:
     """The noise multiplier for ``steps`` more steps after ``history`` that lands the composed
     epsilon within ``tolerance`` below ``target`` (Opacus' search, over the composition);
     None when even MAX_NOISE_MULTIPLIER would overrun it."""
     orders = RDPAccountant.DEFAULT_ALPHAS
-    spent = sum((compute_rdp(q=q, noise_multiplier=s, steps=k, orders=orders) for s, q, k in history), np.zeros(len(orders)))
+    spent = sum((compute_rdp(q=q, noise_multiplier=s, steps=k, orders=orders) for s, q, k in history),
+                np.zeros(len(orders)))
 
     def eps(sigma: float) -> float:
         rdp = spent + compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
@@ -175,7 +177,8 @@ class OpacusDPTrainer(Trainer):
             # The backend folds accumulation into the batch, turns batch-level clipping off, and
             # leaves resuming the batch sequence to the sampler; anything else would step the
             # accountant on a different unit than Opacus, or skip batches twice on resume.
-            raise ValueError("OpacusDPTrainer needs gradient_accumulation_steps=1, max_grad_norm=0 and ignore_data_skip=True")
+            raise ValueError(
+                "OpacusDPTrainer needs gradient_accumulation_steps=1, max_grad_norm=0 and ignore_data_skip=True")
         n = len(self.train_dataset)
         # One Poisson batch per optimizer step, of expected size logical_batch.
         self.logical_batch = self.args.per_device_train_batch_size
@@ -189,10 +192,12 @@ class OpacusDPTrainer(Trainer):
         self.log_train_metrics = privacy.dp_log_train_metrics
         self.randomness = "reproducible" if self.reproducible else "secure"
         self.steps_per_epoch = max(1, int(1 / self.sample_rate))
-        self.planned_steps = self.args.max_steps if self.args.max_steps > 0 else math.ceil(self.args.num_train_epochs * self.steps_per_epoch)
+        self.planned_steps = (self.args.max_steps if self.args.max_steps > 0
+                              else math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
         self.noise_multiplier = calibrate([], self.sample_rate, self.planned_steps, self.target_epsilon, self.delta)
         if self.noise_multiplier is None:
-            raise PrivacyBudgetError(f"no noise level reaches dp_target_epsilon {self.target_epsilon} in {self.planned_steps} steps; "
+            raise PrivacyBudgetError(f"no noise level reaches dp_target_epsilon {self.target_epsilon} in "
+                                     f"{self.planned_steps} steps; "
                                      "raise dp_target_epsilon or train fewer steps")
         self.accountant = RDPAccountant()
         key = _derived("sampler", self.args.seed, 32) if self.reproducible else os.urandom(32)
@@ -210,7 +215,8 @@ class OpacusDPTrainer(Trainer):
         )
 
     def _attempt(self, start_step: int) -> dict[str, Any]:
-        return {"start_step": start_step, "planned_steps": self.planned_steps, "noise_multiplier": self.noise_multiplier,
+        return {"start_step": start_step, "planned_steps": self.planned_steps,
+                "noise_multiplier": self.noise_multiplier,
                 "randomness": self.randomness}
 
     # -- sampling --------------------------------------------------------------------
@@ -249,9 +255,11 @@ class OpacusDPTrainer(Trainer):
         (out / ACCOUNTANT_FILE).write_text(json.dumps({
             "accountant": ACCOUNTANT, "history": self.accountant.history, "attempts": self.attempts,
         }))
-        sampler = {"sampler_key": self.sampler.key.hex(), "draws": int(self.state.global_step), "randomness": self.randomness}
+        sampler = {"sampler_key": self.sampler.key.hex(), "draws": int(self.state.global_step),
+                   "randomness": self.randomness}
         if self.reproducible and self.noise_generator is not None:
-            sampler["noise_generator_state"] = base64.b64encode(self.noise_generator.get_state().numpy().tobytes()).decode()
+            state = self.noise_generator.get_state().numpy().tobytes()
+            sampler["noise_generator_state"] = base64.b64encode(state).decode()
         path = out / SAMPLER_FILE
         # The key says which examples were in which step: readable by this user only.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -274,7 +282,8 @@ class OpacusDPTrainer(Trainer):
         if sum(k for _, _, k in history) != done:
             raise LoraflowTrainerError(
                 f"checkpoint {checkpoint} is at step {done} but its {ACCOUNTANT_FILE} accounts for "
-                f"{sum(k for _, _, k in history)} steps; the checkpoint is inconsistent: delete it to resume from an earlier one"
+                f"{sum(k for _, _, k in history)} steps; the checkpoint is inconsistent: delete it to resume from an "
+                "earlier one"
             )
         self.accountant.history = history
         self._restore_sampler(Path(checkpoint) / SAMPLER_FILE, done)
@@ -311,11 +320,14 @@ class OpacusDPTrainer(Trainer):
             # Calibration lands within EPSILON_TOLERANCE of the target, so a budget that close
             # to it is spent (what is left would buy only steps that are noise).
             left = self.target_epsilon - spent
-            sigma = calibrate(history, self.sample_rate, remaining, self.target_epsilon, self.delta) if left > EPSILON_TOLERANCE else None
+            sigma = None
+            if left > EPSILON_TOLERANCE:
+                sigma = calibrate(history, self.sample_rate, remaining, self.target_epsilon, self.delta)
             if sigma is None:
                 raise PrivacyBudgetError(
                     f"the privacy budget is spent: the {done} steps already trained cost epsilon {spent:.4g} of "
-                    f"dp_target_epsilon {self.target_epsilon:g}, which leaves nothing for {remaining} more; set max_steps "
+                    f"dp_target_epsilon {self.target_epsilon:g}, which leaves nothing for {remaining} more; "
+                    "set max_steps "
                     f"to {done} to finish with what was trained, or raise dp_target_epsilon (a weaker guarantee)"
                 )
             progress.emit("dp_recalibrated", step=done, spent_epsilon=spent, remaining_steps=remaining,
@@ -329,7 +341,8 @@ class OpacusDPTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.state.global_step >= self.planned_steps:
             raise LoraflowTrainerError(
-                f"DP-SGD was about to run step {self.state.global_step + 1} of a {self.planned_steps}-step plan, past what "
+                f"DP-SGD was about to run step {self.state.global_step + 1} of a {self.planned_steps}-step plan, "
+                "past what "
                 "the noise was calibrated for; this is a loraflow bug: report it with the job spec"
             )
         # The Trainer clears grads with model.zero_grad(), which leaves Opacus' per-sample
@@ -352,7 +365,7 @@ class OpacusDPTrainer(Trainer):
             logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(target.shape)
         counts = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        loss = ((token_loss.sum(dim=1) / counts)).mean()
+        loss = (token_loss.sum(dim=1) / counts).mean()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -385,7 +398,8 @@ class OpacusDPTrainer(Trainer):
         epsilon = epsilon_of(history, self.delta)
         if epsilon > self.target_epsilon * (1 + 1e-9):
             raise PrivacyBudgetError(
-                f"the run spent epsilon {epsilon:.4g}, over dp_target_epsilon {self.target_epsilon:g}; its outputs are not "
+                f"the run spent epsilon {epsilon:.4g}, over dp_target_epsilon {self.target_epsilon:g}; "
+                "its outputs are not "
                 "written: lower max_steps, or raise dp_target_epsilon"
             )
         modes = {a["randomness"] for a in self.attempts}

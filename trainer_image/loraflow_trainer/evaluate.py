@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Score this run's adapter, the champion's and optionally the bare base on the run's eval set.",
         epilog="exit codes: " + "; ".join(f"{code} = {text}" for code, text in errors.EXIT_MEANINGS.items()),
     )
-    p.add_argument("--job", type=Path, required=True, help="path of job.json (relative paths resolve against its directory)")
+    p.add_argument("--job", type=Path, required=True,
+                   help="path of job.json (relative paths resolve against its directory)")
     p.add_argument("--request", type=Path, help=f"what to score (default: {REQUEST} beside job.json)")
     p.add_argument("--champion", type=Path, help="the champion's adapter directory (overrides the request)")
     p.add_argument("--base", action="store_true", help="also score the base model with no adapter")
@@ -59,7 +60,8 @@ def load_request(args, job_dir: Path) -> dict[str, Any]:
         try:
             req = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise errors.JobSpecError(f"evaluate request {path} is unreadable ({exc}); re-run the evaluate task") from None
+            raise errors.JobSpecError(
+                f"evaluate request {path} is unreadable ({exc}); re-run the evaluate task") from None
     adapters = dict(req.get("adapters") or {"challenger": "output/adapter"})
     champion = dict(req.get("champion") or {"status": "none"})
     if args.champion is not None:
@@ -73,7 +75,8 @@ def load_request(args, job_dir: Path) -> dict[str, Any]:
     for name, rel in adapters.items():
         d = _resolve(rel, job_dir)
         if not (d / "adapter_config.json").exists():
-            raise errors.ModelNotFoundError(f"the {name} adapter {d} has no adapter_config.json; re-run train (or, for the champion, the evaluate task)")
+            raise errors.ModelNotFoundError(f"the {name} adapter {d} has no adapter_config.json; "
+                                            "re-run train (or, for the champion, the evaluate task)")
     return req
 
 
@@ -87,7 +90,8 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
     if not job.data.eval_path:
-        raise errors.DataError("this run has no eval set, so there is nothing to compare on; set eval_fraction above 0 or give eval_dataset_path")
+        raise errors.DataError("this run has no eval set, so there is nothing to compare on; "
+                               "set eval_fraction above 0 or give eval_dataset_path")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _require_metric_libraries()
@@ -112,7 +116,8 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
     base.config.use_cache = True
     adapters = req["adapters"]
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(_resolve(adapters[names[0]], job_dir)), adapter_name=names[0], is_trainable=False)
+    model = PeftModel.from_pretrained(base, str(_resolve(adapters[names[0]], job_dir)), adapter_name=names[0],
+                                      is_trainable=False)
     for name in names[1:]:
         model.load_adapter(str(_resolve(adapters[name], job_dir)), adapter_name=name, is_trainable=False)
     model.eval()
@@ -134,7 +139,7 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
             outputs = generate(model, tok, job, prompts, max_new, batch, max_prompt_tokens=limit)
             suite_out = generate(model, tok, job, suite_prompts, max_new, batch, max_prompt_tokens=limit)
         total_tokens = sum(tokens)
-        mean_token_loss = sum(l * n for l, n in zip(losses, tokens)) / total_tokens
+        mean_token_loss = sum(loss * n for loss, n in zip(losses, tokens, strict=True)) / total_tokens
         results[name] = {
             "adapter": adapters.get(name),
             "losses": losses,
@@ -145,12 +150,13 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
             "behaviour": [{"id": c.id, "passed": not (f := c.check(o)), "failures": f, "output": o[:500]}
                           for c, o in zip(suite, suite_out, strict=True)],
             "samples": [{"prompt": p[-300:], "reference": r[:300], "output": o[:300]}
-                        for p, r, o in list(zip(prompts, references, outputs))[:3]],
+                        for p, r, o in list(zip(prompts, references, outputs, strict=True))[:3]],
             "loss_seconds": t_loss,
             "seconds": time.perf_counter() - t0,
         }
         print(json.dumps({"event": "evaluated", "model": name, "eval_loss": mean_token_loss,
-                          "behaviour_passed": sum(b["passed"] for b in results[name]["behaviour"]), "cases": len(suite)}), flush=True)
+                          "behaviour_passed": sum(b["passed"] for b in results[name]["behaviour"]),
+                          "cases": len(suite)}), flush=True)
     result = {
         "eval_path": job.data.eval_path,
         "n_examples": len(examples),
@@ -159,7 +165,8 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
         "n_behaviour_cases": len(suite),
         "settings": {"max_seq_length": job.training.max_seq_length, "max_new_tokens": max_new, "batch_size": batch,
                      "decoding": "greedy", "device": place.device,
-                     "dtype": str(model_kwargs["dtype"]).removeprefix("torch."), "quantization": job.model.quantization},
+                     "dtype": str(model_kwargs["dtype"]).removeprefix("torch."),
+                     "quantization": job.model.quantization},
         "champion": req["champion"],
         "models": results,
         "load_seconds": load_s,
@@ -191,7 +198,8 @@ class _active:
         return False
 
 
-def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int, batch: int) -> tuple[list[float], list[int]]:
+def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int,
+                     batch: int) -> tuple[list[float], list[int]]:
     """Each example's mean cross-entropy over its label tokens, and how many label tokens it has."""
     import torch
     import torch.nn.functional as F
@@ -204,7 +212,8 @@ def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int, b
     with torch.inference_mode():
         for i in range(0, len(examples), batch):
             b = collate(examples[i:i + batch])
-            logits = model(input_ids=b["input_ids"].to(model.device), attention_mask=b["attention_mask"].to(model.device),
+            logits = model(input_ids=b["input_ids"].to(model.device),
+                           attention_mask=b["attention_mask"].to(model.device),
                            use_cache=False).logits.float()
             labels = b["labels"].to(logits.device)[:, 1:]
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -218,7 +227,8 @@ def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int, b
 
 def _render_user_prompt(job, prompt: str, tok) -> str:
     if job.data.data_format == "chat":
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
     return prompt
 
 
@@ -259,7 +269,8 @@ def _require_metric_libraries() -> None:
     """Fail before the model loads when the image predates evaluate's dependencies."""
     import importlib.util
 
-    missing = [pkg for mod, pkg in (("rouge_score", "rouge-score"), ("jsonschema", "jsonschema")) if importlib.util.find_spec(mod) is None]
+    missing = [pkg for mod, pkg in (("rouge_score", "rouge-score"), ("jsonschema", "jsonschema"))
+               if importlib.util.find_spec(mod) is None]
     if missing:
         raise errors.LoraflowTrainerError(
             f"{', '.join(missing)} not installed in the trainer environment; rebuild the trainer image "

@@ -23,7 +23,8 @@ def load(model_dir: str | Path, base_model_path: str | None):
     """
     import mlflow.transformers
 
-    local = base_model_path if base_model_path and Path(base_model_path).is_dir() else None  # a hub base: MLflow's own reference
+    # A hub base: MLflow's own reference.
+    local = base_model_path if base_model_path and Path(base_model_path).is_dir() else None
     parts = mlflow.transformers.load_model(str(model_dir), return_type="components", base_model_path=local)
     model, tok = parts["model"], parts["tokenizer"]
     model.eval()
@@ -35,7 +36,8 @@ def has_chat_template(tok) -> bool:
 
 
 def complete(model, tok, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 32,
-             raw: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> dict[str, Any]:
+             raw: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> dict[str, Any]:
     """One completion: ``messages`` (or a bare ``prompt`` as one user turn) through the chat template, unless ``raw``.
 
     ``temperature`` 0 is greedy decoding (what ``generate`` and the trainer's samples use).
@@ -44,7 +46,8 @@ def complete(model, tok, prompt: str | None = None, *, messages: list[dict] | No
 
     chat = messages is not None or (has_chat_template(tok) and not raw)
     if chat:
-        text = tok.apply_chat_template(messages or [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages or [{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
     else:
         text = prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
@@ -69,7 +72,8 @@ def _child() -> None:
     request = json.loads(sys.stdin.read())
     model, tok = load(request["model_dir"], request["base_model_path"])
     result = complete(model, tok, request["prompt"], max_new_tokens=request["max_new_tokens"], raw=request["raw"])
-    print(json.dumps({"completion": result["completion"], "device": str(model.device), "chat_template": result["chat_template"],
+    print(json.dumps({"completion": result["completion"], "device": str(model.device),
+                      "chat_template": result["chat_template"],
                       "adapter": type(model).__name__}), flush=True)
 
 

@@ -88,7 +88,8 @@ def placement(job: JobSpec) -> Placement:
     import torch
 
     n = world_size()
-    return Placement("cuda" if torch.cuda.is_available() else "cpu", local_rank(), n, is_main_process(), strategy(job, n))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Placement(device, local_rank(), n, is_main_process(), strategy(job, n))
 
 
 def strategy(job: JobSpec, n: int) -> str:
@@ -112,7 +113,8 @@ def plan(job: JobSpec) -> Plan:
         p = Plan(n, device, strategy(job, n), "under a launcher (WORLD_SIZE)")
     elif leased and cuda == 0 and os.environ.get(ENV_GPUS_ON_CPU) == "1":
         n = wanted or len(leased)
-        p = Plan(n, "cpu", strategy(job, n), f"{ENV_GPUS_ON_CPU}=1: GPU(s) {','.join(leased)} stand in as {n} CPU process(es)")
+        p = Plan(n, "cpu", strategy(job, n),
+                 f"{ENV_GPUS_ON_CPU}=1: GPU(s) {','.join(leased)} stand in as {n} CPU process(es)")
     elif leased and cuda < len(leased):
         raise errors.NoGpuError(
             f"this run leased GPU(s) {','.join(leased)} but the trainer sees {cuda} CUDA device(s); install the NVIDIA "
@@ -122,7 +124,8 @@ def plan(job: JobSpec) -> Plan:
             raise errors.NoGpuError(f"num_processes={wanted} but the trainer sees {cuda} CUDA device(s); "
                                     f"lower num_processes or give the run {wanted} GPUs")
         n = wanted or cuda
-        p = Plan(n, "cuda", strategy(job, n), f"{cuda} CUDA device(s) visible" + (f", num_processes={wanted}" if wanted else ""))
+        p = Plan(n, "cuda", strategy(job, n),
+                 f"{cuda} CUDA device(s) visible" + (f", num_processes={wanted}" if wanted else ""))
     else:
         n = wanted or 1
         p = Plan(n, "cpu", strategy(job, n), f"no CUDA device, num_processes={n}")
@@ -139,7 +142,8 @@ def _check(job: JobSpec, p: Plan) -> None:
     if p.strategy == "fsdp" and job.model.quantization != "none":
         raise errors.JobSpecError(
             "distributed=fsdp with quantization is not supported yet (sharding k-bit weights needs bitsandbytes quant "
-            "storage settings loraflow does not set); use distributed=ddp (a QLoRA model fits one GPU) or quantization=none")
+            "storage settings loraflow does not set); use distributed=ddp (a QLoRA model fits one GPU) or "
+            "quantization=none")
 
 
 def relaunch(job_path: Path, p: Plan) -> int:
@@ -153,7 +157,8 @@ def relaunch(job_path: Path, p: Plan) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    visible = {k: os.environ[k] for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", ENV_LEASED_GPUS) if k in os.environ}
+    visible = {k: os.environ[k] for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", ENV_LEASED_GPUS)
+               if k in os.environ}
     progress.emit("launch", launcher="torchrun", **asdict(p), devices=visible)
     args = get_args_parser().parse_args([
         # One node: rendezvous over loopback (a container without a network cannot resolve its own hostname).

@@ -32,7 +32,8 @@ _LIBRARY_LOGGERS = ("bitsandbytes", "transformers", "peft", "accelerate", "mlflo
 def quiet_libraries() -> None:
     """Silence library noise; call before torch/transformers/mlflow are imported."""
     level = os.environ.get("LORAFLOW_LIBRARY_LOG_LEVEL", "ERROR").upper()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower() if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "error")
+    known = level in ("DEBUG", "INFO", "WARNING", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower() if known else "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -135,7 +136,8 @@ def _info_line(r: dict[str, Any]) -> str:
             f"base model {r['base_model']}" if r.get("base_model") else "",
             f"quantization {r['quantization']}" if r.get("quantization") not in (None, "none") else "",
             "with DP-SGD" if r.get("dp_enabled") else ""]
-    return f"loraflow-train: {r.get('backend', 'trainer')} " + ", ".join(filter(None, what)) + f"; outputs to {r.get('output_dir')}"
+    return (f"loraflow-train: {r.get('backend', 'trainer')} " + ", ".join(filter(None, what))
+            + f"; outputs to {r.get('output_dir')}")
 
 
 def _data_line(r: dict[str, Any]) -> str:
@@ -144,7 +146,8 @@ def _data_line(r: dict[str, Any]) -> str:
 
 
 def _metrics_line(r: dict[str, Any]) -> str:
-    keys = ("eval_loss", "perplexity", "final_train_loss", "train_loss", "tokens_per_second", "train_runtime_s", "epsilon")
+    keys = ("eval_loss", "perplexity", "final_train_loss", "train_loss", "tokens_per_second", "train_runtime_s",
+            "epsilon")
     return "metrics: " + "  ".join(f"{k} {_num(r[k])}" for k in keys if k in r)
 
 
@@ -160,8 +163,9 @@ _FORMATS = {
     "warning": lambda r: f"warning: {r['message']}",
     "tiny_model": lambda r: f"tiny model written to {r['path']}",
     "dp": lambda r: (f"DP-SGD: noise multiplier {_num(r['noise_multiplier'])}, sample rate {_num(r['sample_rate'])}, "
-                     f"delta {_num(r['delta'])}, {r['planned_steps']:,} steps planned, clip norm {_num(r['max_grad_norm'])}, "
-                     f"{r['randomness']} randomness" + ("" if r.get("train_metrics_logged") else "; private train loss not logged")),
+                     f"delta {_num(r['delta'])}, {r['planned_steps']:,} steps planned, "
+                     f"clip norm {_num(r['max_grad_norm'])}, {r['randomness']} randomness"
+                     + ("" if r.get("train_metrics_logged") else "; private train loss not logged")),
     "dp_new_sampler": lambda r: f"DP-SGD: fresh batch sampler from step {r['step']} ({r['reason']})",
     "dp_recalibrated": lambda r: (f"DP-SGD: epsilon {_num(r['spent_epsilon'])} already spent; noise multiplier "
                                   f"{_num(r['old_noise_multiplier'])} -> {_num(r['noise_multiplier'])} for the "
@@ -188,4 +192,6 @@ def _num(v: Any) -> str:
 
 
 def _value(v: Any) -> str:
-    return _num(v) if isinstance(v, int | float) and not isinstance(v, bool) else (json.dumps(v) if isinstance(v, list | dict) else str(v))
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return _num(v)
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
