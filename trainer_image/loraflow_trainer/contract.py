@@ -43,6 +43,7 @@ ACCOUNTING_FILE = "dp_accounting.json"
 EVENTS_FILE = "events.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_RESULT_FILE = "eval.json"  # the evaluate entry point's scores
+EVAL_REQUEST_FILE = "evaluate_request.json"  # what evaluate scores (beside job.json), written by the Airflow side
 # The small files registration logs next to the model (the adapter and model dirs go separately).
 OUTPUT_FILES = (METRICS_FILE, METADATA_FILE, SAMPLES_FILE, ACCOUNTING_FILE)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 from loraflow_trainer import contract, errors, spec
 
-REQUEST = "evaluate_request.json"
+REQUEST = contract.EVAL_REQUEST_FILE
 BASE = "base"  # the name the bare base model is reported under
-DEFAULT_OUTPUT = f"{contract.OUTPUT_DIR}/eval.json"
+DEFAULT_OUTPUT = f"{contract.OUTPUT_DIR}/{contract.EVAL_RESULT_FILE}"
 
 
 def _parser() -> argparse.ArgumentParser:
