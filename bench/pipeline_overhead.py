@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.max_steps, a.runtimes = 2, ["local"]
     sys.path.insert(0, str(common.REPO / "plugins"))
-    from loraflow.devstack import LocalStack, free_port
+    sys.path.insert(0, str(common.REPO / "devtools"))
+    from loraflow_devstack import LocalStack, free_port
 
     home = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
     os.environ["LORAFLOW_MODELS"] = str(home / "models")

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 sys.path.insert(0, str(common.REPO / "plugins"))
-from loraflow.devstack import wait_http  # noqa: E402
+sys.path.insert(0, str(common.REPO / "devtools"))
+from loraflow_devstack import wait_http  # noqa: E402
 
 SAMPLE = common.REPO / "examples" / "data" / "sample_chat.jsonl"
 NAME = "bench-serve"
@@ -112,7 +113,7 @@ def main() -> None:
     if not 1 <= args.requests <= 1000:
         raise SystemExit("--requests must be between 1 and 1000")
 
-    from loraflow.devstack import LocalStack, free_port
+    from loraflow_devstack import LocalStack, free_port
 
     home = Path(tempfile.mkdtemp(prefix="loraflow-bench-serve-"))
     stack = LocalStack(home=home, repo=common.REPO, mlflow_port=free_port(), airflow_port=free_port())

@@ -7,7 +7,7 @@ the UIs are. `--serve-only` (`make ui`) builds the tiny model the trigger form's
 name and starts the Airflow and MLflow UIs; `--stop` (`make stop`) stops the servers this
 LORAFLOW_HOME started, and only those. Ports and the listen address are settings
 (LORAFLOW_AIRFLOW_PORT, LORAFLOW_MLFLOW_PORT, LORAFLOW_AIRFLOW_LOG_PORT, LORAFLOW_BIND;
-see loraflow.devstack).
+see devtools/loraflow_devstack.py).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO / "plugins"))
-    from loraflow import devstack
+    sys.path.insert(0, str(REPO / "devtools"))  # the local stack is dev tooling, not part of the loraflow package
     from loraflow.errors import LoraflowError
+    from loraflow_devstack import LocalStack
 
     try:
-        stack = devstack.LocalStack(home=HOME, repo=REPO)
+        stack = LocalStack(home=HOME, repo=REPO)
         if args.stop:
             report = stack.stop_all()
             for line in report:
@@ -54,7 +55,8 @@ def serve(stack) -> int:
     stack.configure_airflow_env()
     print(f"[ui] {stack.start_mlflow(detach=True)}", flush=True)
     stack.migrate_airflow_db()
-    print(f"[ui] tiny model (the trigger form's default base_model): {stack.ensure_tiny_model(corpus=SAMPLE)}", flush=True)
+    model_dir = stack.ensure_tiny_model(corpus=SAMPLE)
+    print(f"[ui] tiny model (the trigger form's default base_model): {model_dir}", flush=True)
     for line in stack.start_airflow_ui():
         print(f"[ui] {line}", flush=True)
     _print_uis(stack)
@@ -102,7 +104,8 @@ def _print_uis(stack) -> None:
     print(f"Airflow UI: {stack.airflow_url}   (`make ui` starts it; user admin, password in {stack.password_file})")
     if stack.bind != stack.connect_host:
         print(f"            listening on {stack.bind} (LORAFLOW_BIND): reachable from other machines")
-    print(f"Load the model: mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')  or  loraflow models show {MODEL_NAME}@champion")
+    ref = f"{MODEL_NAME}@champion"
+    print(f"Load the model: mlflow.pyfunc.load_model('models:/{ref}')  or  loraflow models show {ref}")
 
 
 if __name__ == "__main__":

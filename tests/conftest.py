@@ -23,7 +23,8 @@ _STATE: dict = {}
 
 def pytest_configure(config):
     sys.path.insert(0, str(REPO / "plugins"))
-    from loraflow.devstack import LocalStack, free_port
+    sys.path.insert(0, str(REPO / "devtools"))  # loraflow_devstack: dev tooling, not in the loraflow package
+    from loraflow_devstack import LocalStack, free_port
 
     home = Path(tempfile.mkdtemp(prefix="loraflow-test-"))
     stack = LocalStack(home=home, repo=REPO, mlflow_port=free_port(), airflow_port=free_port(), log_server_port=free_port())

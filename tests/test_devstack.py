@@ -44,7 +44,7 @@ def listen_addresses(port: int) -> set[str]:
 
 
 def test_a_port_taken_by_something_else_is_refused_naming_the_port_and_the_variable(tmp_path):
-    from loraflow.devstack import free_port
+    from loraflow_devstack import free_port
 
     with socket.socket() as other:  # not this home's server: any process holding the port
         port = free_port()
@@ -64,8 +64,8 @@ def test_a_port_setting_that_is_not_a_port_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_each_home_owns_its_servers_and_stop_stops_only_its_own(tmp_path):
-    from loraflow.devstack import LocalStack, free_port, port_taken
     from loraflow.errors import LoraflowError
+    from loraflow_devstack import LocalStack, free_port, port_taken
 
     port = free_port()
     mine = LocalStack(home=tmp_path / "a", repo=REPO, mlflow_port=port)
@@ -97,7 +97,8 @@ def test_stop_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path):
     try:
         pids = tmp_path / "home" / "pids"
         pids.mkdir(parents=True)
-        (pids / "mlflow.json").write_text(json.dumps({"pid": stranger.pid, "started": "1", "port": 5000, "cmd": ["mlflow"]}))
+        record = {"pid": stranger.pid, "started": "1", "port": 5000, "cmd": ["mlflow"]}
+        (pids / "mlflow.json").write_text(json.dumps(record))
         out = make("--stop", user_env(tmp_path / "home"))
         assert out.returncode == 0 and "mlflow was not running" in out.stdout, out.stdout + out.stderr
         assert stranger.poll() is None  # still alive
@@ -113,13 +114,15 @@ def test_the_embedded_airflow_db_waits_for_a_busy_writer_instead_of_failing(tmp_
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from loraflow.devstack import LocalStack\n"
+        "sys.path.insert(0, 'devtools')\n"
+        "from loraflow_devstack import LocalStack\n"
         "LocalStack(home=Path(sys.argv[1]), repo=Path(sys.argv[2])).configure_airflow_env()\n"
         "from airflow import settings\n"
         "cur = settings.engine.raw_connection().cursor()\n"
         "print(cur.execute('PRAGMA busy_timeout').fetchone()[0], cur.execute('PRAGMA journal_mode').fetchone()[0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home"), str(REPO)], env=user_env(tmp_path / "home"),
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home"), str(REPO)],
+                         env=user_env(tmp_path / "home"),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["60000", "wal"], out.stdout
@@ -127,14 +130,15 @@ def test_the_embedded_airflow_db_waits_for_a_busy_writer_instead_of_failing(tmp_
 
 def test_a_running_server_of_this_home_on_another_port_is_not_silently_reused(tmp_path):
     """Changing LORAFLOW_MLFLOW_PORT while this home's server runs: told to stop it first; `make stop` stops it."""
-    from loraflow.devstack import LocalStack, _started, free_port
     from loraflow.errors import LoraflowError
+    from loraflow_devstack import LocalStack, _started, free_port
 
     server = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for this home's MLflow
     try:
         pids = tmp_path / "home" / "pids"
         pids.mkdir(parents=True)
-        (pids / "mlflow.json").write_text(json.dumps({"pid": server.pid, "started": _started(server.pid), "port": 1234, "cmd": ["sleep"]}))
+        record = {"pid": server.pid, "started": _started(server.pid), "port": 1234, "cmd": ["sleep"]}
+        (pids / "mlflow.json").write_text(json.dumps(record))
         stack = LocalStack(home=tmp_path / "home", repo=REPO, mlflow_port=free_port())
         with pytest.raises(LoraflowError, match="mlflow of this home already runs on port 1234.*make stop"):
             stack.start_mlflow()

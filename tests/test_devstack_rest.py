@@ -30,7 +30,7 @@ def readme_rest_steps() -> str:
 def test_first_rest_trigger_after_make_ui_follows_the_readme_to_a_registered_version(tmp_path):
     from mlflow import MlflowClient
 
-    from loraflow.devstack import free_port, port_taken
+    from loraflow_devstack import free_port, port_taken
 
     home = tmp_path / "home"
     ports = {"LORAFLOW_AIRFLOW_PORT": str(free_port()), "LORAFLOW_MLFLOW_PORT": str(free_port()),
@@ -58,6 +58,7 @@ def test_first_rest_trigger_after_make_ui_follows_the_readme_to_a_registered_ver
         assert mc.get_run(mv.run_id).data.params["max_steps"] == "10"
     finally:
         down = make("--stop", env)
-        logs = "".join(p.read_text()[-3000:] for p in sorted((home / "logs").glob("*.log"))) if (home / "logs").exists() else ""
-    assert down.returncode == 0 and "stopped airflow-api-server" in down.stdout and "stopped mlflow" in down.stdout, down.stdout + logs
+        logs = "".join(p.read_text()[-3000:] for p in sorted((home / "logs").glob("*.log")))
+    assert down.returncode == 0, down.stdout + logs
+    assert "stopped airflow-api-server" in down.stdout and "stopped mlflow" in down.stdout, down.stdout + logs
     assert not any(port_taken(int(p)) for p in ports.values())

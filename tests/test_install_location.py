@@ -8,17 +8,32 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
 
-def test_a_wheel_install_outside_the_checkout_finds_the_bundled_examples(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The loraflow wheel as pip builds it from the checkout."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(REPO)], check=True, capture_output=True, cwd=out)
+    return next(out.glob("loraflow-*.whl"))
+
+
+def test_the_wheel_ships_the_plugin_and_not_the_dev_tooling(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "loraflow/params.py" in names and "loraflow/airflow_plugin.py" in names
+    assert not [n for n in names if "devstack" in n], names  # the local stack lives in devtools/, for the checkout
+
+
+def test_a_wheel_install_outside_the_checkout_finds_the_bundled_examples(wheel, tmp_path):
     from loraflow import params
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"),
-                    str(REPO)], check=True, capture_output=True, cwd=tmp_path)
-    wheel = next((tmp_path / "w").glob("loraflow-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
@@ -26,7 +41,8 @@ def test_a_wheel_install_outside_the_checkout_finds_the_bundled_examples(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLOW_", "PYTHON"))}
     out = subprocess.run([str(venv / "bin" / "python"), "-c",
                           "import json, loraflow.config as c; print(json.dumps({'module': c.__file__, "
-                          "'examples': str(c.examples_dir()), 'root': str(c.repo_root()), 'roots': [str(r) for r in c.data_roots()]}))"],
+                          "'examples': str(c.examples_dir()), 'root': str(c.repo_root()), "
+                          "'roots': [str(r) for r in c.data_roots()]}))"],
                          check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
     found = json.loads(out)
     assert Path(found["module"]).is_relative_to(venv)

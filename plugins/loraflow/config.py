@@ -14,6 +14,16 @@ DAG_ID = "loraflow_finetune"
 CONTAINER_WORKSPACE = "/workspace"
 CONTAINER_MODELS = "/models"
 
+# sqlite3's busy timeout for an Airflow metadata DB on sqlite (Python's default is 5 s), as
+# the local stack configures it. Airflow 3.3 already opens sqlite in WAL mode
+# (utils/orm_event_handlers.py); what it does not set is how long a writer waits for another,
+# and a burst of REST triggers against a busy scheduler waited longer than 5 s ("database is
+# locked", HTTP 500). Airflow reads these through [database] sql_alchemy_connect_args /
+# sql_alchemy_connect_args_async, an import path, so they live where every Airflow process
+# can import them: in the plugin.
+SQLITE_CONNECT_ARGS: dict = {"timeout": 60}
+SQLITE_CONNECT_ARGS_ASYNC: dict = {"timeout": 60}
+
 
 def home() -> Path:
     return Path(os.environ.get("LORAFLOW_HOME", Path.home() / "loraflow")).resolve()

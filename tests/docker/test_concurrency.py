@@ -35,7 +35,7 @@ GPUS = "0,1"
 @pytest.fixture
 def scheduler_stack(stack, mlflow_server, tiny_model, tmp_path):
     """A second, scheduled Airflow on its own DB; yields a function that runs its CLI."""
-    from loraflow.devstack import LocalStack, free_port, wait_http
+    from loraflow_devstack import LocalStack, free_port, wait_http
 
     own = LocalStack(home=stack.home, repo=REPO, mlflow_port=stack.mlflow_port, airflow_port=free_port())
     airflow_home = tmp_path / "airflow"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from loraflow.devstack import free_port
+from loraflow_devstack import free_port
 from tests.conftest import REPO
 
 

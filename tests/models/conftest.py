@@ -45,7 +45,7 @@ def registered(stack, airflow_db, mlflow_server, tiny_model) -> dict:
 @pytest.fixture(scope="session")
 def airflow_api(stack, airflow_db, mlflow_server, tmp_path_factory):
     """``airflow api-server`` with the loraflow plugin; yields its base URL. Stopped at the end."""
-    from loraflow.devstack import free_port, wait_http
+    from loraflow_devstack import free_port, wait_http
 
     home = tmp_path_factory.mktemp("api-server")
     passwords = home / "passwords.json"
@@ -79,7 +79,7 @@ def login(base: str, username: str = USER, password: str = PASSWORD) -> str:
 @pytest.fixture
 def free_dead_uri() -> str:
     """A tracking URI where nothing listens."""
-    from loraflow.devstack import free_port
+    from loraflow_devstack import free_port
 
     return f"http://127.0.0.1:{free_port()}"
 

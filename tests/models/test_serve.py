@@ -37,7 +37,7 @@ def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict, An
 @contextmanager
 def serving(uri: str, ref: str, *extra: str):
     """``loraflow models serve REF`` in a child process; yields (base URL, process) once /ready answers 200."""
-    from loraflow.devstack import free_port
+    from loraflow_devstack import free_port
 
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="loraflow-serve-", suffix=".log")  # a file: a full pipe would block the server

@@ -40,7 +40,7 @@ def scheduled_airflow(stack, mlflow_server, tiny_model, tmp_path_factory):
     """A scheduled Airflow with the loraflow DAG and plugin; yields its base URL. Stopped at the end."""
     from mlflow import MlflowClient
 
-    from loraflow.devstack import LocalStack, free_port, wait_http
+    from loraflow_devstack import LocalStack, free_port, wait_http
 
     home = tmp_path_factory.mktemp("scheduled-airflow")
     own = LocalStack(home=stack.home, repo=REPO, mlflow_port=stack.mlflow_port, airflow_port=free_port())

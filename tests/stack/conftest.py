@@ -153,7 +153,7 @@ def _request(method: str, url: str, body: dict | None = None, headers: dict | No
 
 
 def _free_port() -> int:
-    from loraflow.devstack import free_port
+    from loraflow_devstack import free_port
 
     return free_port()
 

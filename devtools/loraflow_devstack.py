@@ -1,6 +1,8 @@
 """The embedded local stack: a local MLflow tracking server, a local Airflow home and DB.
 
-Used by ``make demo``/``make ui`` and by the test session, so the demo a new user runs and
+Development tooling, not part of the installed ``loraflow`` package: ``scripts/demo.py``
+(``make demo``/``make ui``/``make stop``), the test session (``tests/conftest.py``) and the
+benchmarks import it with ``devtools/`` on ``sys.path``, so the demo a new user runs and
 the stack the tests run against are the same thing. Servers are real processes started
 with argument lists.
 
@@ -31,14 +33,7 @@ from pathlib import Path
 
 from loraflow import gpus
 from loraflow.errors import LoraflowError
-
-# sqlite3's busy timeout for the embedded Airflow DB (Python's default is 5 s). Airflow 3.3
-# already opens sqlite in WAL mode (utils/orm_event_handlers.py); what it does not set is how
-# long a writer waits for another, and a burst of REST triggers against a busy scheduler
-# waited longer than 5 s ("database is locked", HTTP 500). Airflow reads these through
-# [database] sql_alchemy_connect_args / sql_alchemy_connect_args_async (an import path).
-SQLITE_CONNECT_ARGS: dict = {"timeout": 60}
-SQLITE_CONNECT_ARGS_ASYNC: dict = {"timeout": 60}
+from loraflow_trainer import contract
 
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor")
 
@@ -66,7 +61,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise LoraflowError(f"server for {url} exited with {proc.returncode} before it was healthy; its log ends:\n{tail}")
+            raise LoraflowError(
+                f"server for {url} exited with {proc.returncode} before it was healthy; its log ends:\n{tail}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -160,8 +157,9 @@ class LocalStack:
             # A new user's first trigger runs: the DAG is not parked paused at creation.
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.airflow_home / 'airflow.db'}",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "loraflow.devstack.SQLITE_CONNECT_ARGS",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "loraflow.devstack.SQLITE_CONNECT_ARGS_ASYNC",
+            # An import path every Airflow process of this stack resolves: the plugin's, not this dev module's.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "loraflow.config.SQLITE_CONNECT_ARGS",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "loraflow.config.SQLITE_CONNECT_ARGS_ASYNC",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__API__PORT": str(self.airflow_port),
             "AIRFLOW__API__HOST": self.bind,
@@ -251,9 +249,10 @@ class LocalStack:
 
     def ensure_tiny_model(self, corpus: Path, name: str = "tiny-llama") -> Path:
         out = self.models_dir / name
-        if (out / "config.json").exists():
+        if contract.is_model_dir(out):
             return out
-        subprocess.run([_bin("loraflow-train"), "make-tiny-model", "--out", str(out), "--data", str(corpus)], check=True)
+        cmd = [_bin("loraflow-train"), "make-tiny-model", "--out", str(out), "--data", str(corpus)]
+        subprocess.run(cmd, check=True)
         return out
 
     # -- reading back ------------------------------------------------------------
@@ -338,17 +337,10 @@ class LocalStack:
             pidfile.unlink(missing_ok=True)
         for legacy in sorted(pids.glob("*.pid")) if pids.exists() else []:
             # Pidfiles of the old format record no start time: the pid may have been reused, so leave it.
-            report.append(f"left pid {legacy.read_text().strip()} alone ({legacy.name} records no start time to check it against)")
+            pid = legacy.read_text().strip()
+            report.append(f"left pid {pid} alone ({legacy.name} records no start time to check it against)")
             legacy.unlink(missing_ok=True)
         return report
-
-    @staticmethod
-    def _healthy(url: str) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
