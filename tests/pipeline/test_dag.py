@@ -66,7 +66,8 @@ def test_scheduled_rerun_of_the_same_data_registers_nothing(dag, run_dag, mlflow
     def as_scheduled(*, dag, run_id, logical_date, data_interval, run_after, conf, triggered_by,
                      triggering_user_name, start_date, session):
         return dag.create_dagrun(
-            run_id=run_id.replace("manual__", "scheduled__"), logical_date=run_after, data_interval=(run_after, run_after),
+            run_id=run_id.replace("manual__", "scheduled__"), logical_date=run_after,
+            data_interval=(run_after, run_after),
             run_after=run_after, conf=conf, run_type=DagRunType.SCHEDULED, state=DagRunState.RUNNING,
             triggered_by=triggered_by, triggering_user_name=None, start_date=start_date or run_after, session=session,
         )
@@ -84,19 +85,23 @@ def _sample_lines(path, n):
 
 
 def _chat_row(user: str, assistant: str) -> bytes:
-    return (json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n").encode()
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return (json.dumps({"messages": messages}) + "\n").encode()
 
 
 # case -> (what the dataset file holds, its format, the rule the check must name, extra conf)
 BAD_DATASETS = {
-    "undecodable": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+    "undecodable": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30))
+                    + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
                     "chat", "line 31", {}),
-    "duplicates": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 40) + _sample_lines(SAMPLE_CHAT, 5)), "chat", "duplicates", {}),
+    "duplicates": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 40) + _sample_lines(SAMPLE_CHAT, 5)), "chat",
+                   "duplicates", {}),
     "missing_column": (lambda: b'{"text": "hello"}\n' * 30, "chat", "missing_columns", {}),
     "too_few_rows": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 5)), "chat", "min_rows", {}),
     "too_long": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + _chat_row("tell me everything", "blah " * 600),
                  "chat", "too_long", {}),
-    "blank_completion": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": "say hi", "completion": "   "}\n',
+    "blank_completion": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30))
+                         + b'{"prompt": "say hi", "completion": "   "}\n',
                          "prompt_completion", "blank_text", {}),
     "null_prompt": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": null, "completion": "hi"}\n',
                     "prompt_completion", "null_text", {}),
@@ -184,16 +189,41 @@ def test_trigger_form_has_typed_sectioned_params_named_like_the_job_spec(dag):
         p = form[name]
         assert p.schema.get("type") and p.schema.get("title") and p.description and p.schema.get("section"), name
     assert set(form["quantization"].schema["enum"]) >= {"none", "4bit", "8bit"}
-    assert form["lora_r"].schema["allOf"][0]["minimum"] >= 1  # under allOf: the form must not clamp a typed value
+    rank = spec.json_schema()["$defs"]["LoraSpec"]["properties"]["lora_r"]
+    # The job spec's bounds, under allOf: the form must not clamp a typed value.
+    assert form["lora_r"].schema["allOf"] == [{"minimum": rank["minimum"], "maximum": rank["maximum"]}]
+    assert "minimum" not in form["lora_r"].schema and "maximum" not in form["lora_r"].schema
     assert "1 to 1,024" in form["lora_r"].description  # the range is stated where the person types
     sections = [form[name].schema["section"] for name in dag.params]
-    assert list(dict.fromkeys(sections)) == ["Data", "Model", "LoRA", "Training", "Privacy", "Evaluation", "Registry", "Runtime"]
+    assert list(dict.fromkeys(sections)) == ["Data", "Model", "LoRA", "Training", "Privacy", "Evaluation", "Registry",
+                                             "Runtime"]
     # Every default is valid as the form opens: nothing required is empty, dropdowns name their default.
     for name in dag.params:
         p = form[name]
         assert p.value is not None or "null" in p.schema["type"], name
         assert p.value != "" or p.schema.get("minLength", 0) == 0, name
     assert form["runtime"].schema["values_display"]["null"].startswith("deployment default")
+
+
+def test_each_setting_is_described_once_in_its_field_and_the_form_docs_and_cli_read_that_text(dag):
+    from loraflow import params
+    from loraflow_trainer import spec
+
+    fields = {**{n: f for m in (spec.ModelSpec, spec.DataSpec, spec.LoraSpec, spec.TrainingSpec, spec.PrivacySpec,
+                                spec.EvalSpec) for n, f in m.model_fields.items()},
+              **params.PipelineSettings.model_fields}
+    cli = subprocess.run([sys.executable, "-m", "loraflow.cli", "params", "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    listed = {row["name"]: row for row in json.loads(cli.stdout)}
+    assert list(listed) == list(dag.params)
+    for name in dag.params:
+        field, param = fields[name], dag.params.get_param(name)
+        assert param.schema["title"] == field.title, name
+        described = " ".join(field.description.split())  # the field's docstring, on one line
+        assert param.description.startswith(described.rstrip(".")), name  # plus the range, where it has one
+        assert listed[name]["description"] == param.description and listed[name]["title"] == field.title, name
+        assert f"- `{name}` ({field.title};" in dag.doc_md and param.description in dag.doc_md, name
 
 
 def test_dagbag_imports_cleanly_without_the_training_stack():
@@ -205,15 +235,19 @@ def test_dagbag_imports_cleanly_without_the_training_stack():
         "assert 'loraflow_finetune' in bag.dag_ids\n"
         "import loraflow.tasks, loraflow.registry, loraflow.data.checks, loraflow.operators\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'opacus') if m in sys.modules]\n"
+        "print('SPEC=' + sys.modules['loraflow_trainer.spec'].__file__)\n"
         "print('HEAVY=' + ','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "HEAVY=\n" in out.stdout + "\n" and "HEAVY=" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+    # The DAG read the trainer's job spec (the form is built from it) and still pulled in no training stack.
+    *_, spec_line, heavy_line = out.stdout.strip().splitlines()
+    assert spec_line.endswith("loraflow_trainer/spec.py"), out.stdout
+    assert heavy_line == "HEAVY="
 
 
-def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag, mlflow_server, mlflow_client, monkeypatch):
+def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag, mlflow_server, mlflow_client,
+                                                                        monkeypatch):
     """MLflow is down when register starts, then dies again right after it committed the new
     version: the retries register the outputs left on disk, and only one version exists."""
     name = "flaky-registry"
@@ -237,10 +271,11 @@ def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag,
 
 def test_an_unreachable_mlflow_is_a_retryable_error_that_names_the_fix():
     from loraflow import registry
-    from loraflow.devstack import free_port
     from loraflow.errors import RegistryUnavailable
+    from loraflow_devstack import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(RegistryUnavailable, match="unreachable.*the task retries, outputs stay in the workspace") as info:
+    retryable = "unreachable.*the task retries, outputs stay in the workspace"
+    with pytest.raises(RegistryUnavailable, match=retryable) as info:
         registry.is_registered(uri, "any-model", "0" * 64)
     assert info.value.retryable
