@@ -38,7 +38,9 @@ def hour_cost() -> float | None:
     if not value >= 0:
         from loraflow.errors import ParamsError
 
-        raise ParamsError(f"LORAFLOW_GPU_HOUR_COST={raw!r} is not a price per device-hour such as 2.5; fix the worker's environment")
+        raise ParamsError(
+            f"LORAFLOW_GPU_HOUR_COST={raw!r} is not a price per device-hour such as 2.5; fix the worker's environment"
+        )
     return value
 
 
