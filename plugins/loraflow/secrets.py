@@ -1,8 +1,8 @@
 """Credentials from Airflow connections, never from trigger params or files in the workspace.
 
 - ``LORAFLOW_HF_CONN_ID`` (default ``loraflow_hf``): the password is a Hugging Face hub
-  token. It reaches the trainer only as ``HF_TOKEN`` in its environment (the
-  DockerOperator's ``private_environment``, or the local subprocess's environment).
+  token. It reaches the trainer only as ``HF_TOKEN`` in its environment (the container's,
+  ``loraflow.runtimes.docker``, never a rendered field; or the local subprocess's).
 - ``LORAFLOW_MLFLOW_CONN_ID`` (default ``loraflow_mlflow``): login and password for an
   MLflow server behind basic auth (or a password alone as a bearer token). They are put in
   the environment of the task process that talks to MLflow (``MLFLOW_TRACKING_USERNAME`` /

@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from loraflow import config, gate, registry, secrets, workspace
 from loraflow.errors import LoraflowError
+from loraflow.runtimes.docker import remove_containers
 from loraflow.workspace import Pipeline
 
 SCHEDULED_RUN_TYPES = ("scheduled", "asset_triggered", "asset_materialization")
@@ -269,19 +270,3 @@ def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
         job = workspace.load_job(ws)
         registry.ensure_run(uri, pipeline.registered_model_name, pipeline.run_key, _lineage(pipeline, job, None))
     return registry.close_run(uri, pipeline.registered_model_name, pipeline.run_key, status)
-
-
-def remove_containers(run_id: str) -> list[str]:
-    """Remove every container labelled with this DAG run (none when Docker is not there)."""
-    try:
-        import docker
-
-        cli = docker.DockerClient(base_url=config.docker_url(), timeout=30)
-        cli.ping()
-    except Exception:  # no Docker engine (local runtime machines): nothing to remove
-        return []
-    removed = []
-    for c in cli.containers.list(all=True, filters={"label": f"loraflow.run_id={run_id}"}):
-        c.remove(force=True)
-        removed.append(c.name)
-    return removed

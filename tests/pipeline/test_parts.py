@@ -5,34 +5,50 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from loraflow_trainer.errors import EXIT_BAD_DATA, EXIT_KILLED, EXIT_MEANINGS
 
 from loraflow import config
 from loraflow.errors import ParamsError, TrainingError
 from loraflow.gpus import GpuLease
-from loraflow.operators import LoraflowTrainOperator, device_requests, explain_exit
+from loraflow.operators import LoraflowTrainOperator
+from loraflow.runtimes import TrainerRun, explain_exit
+from loraflow.runtimes.docker import container_spec, device_requests
 from loraflow.workspace import Pipeline, confine
+from loraflow_trainer.errors import EXIT_BAD_DATA, EXIT_KILLED, EXIT_MEANINGS
 from tests.conftest import SAMPLE_CHAT
 
 
 def _pipeline(ws: Path, **overrides) -> Pipeline:
     ws.mkdir(parents=True, exist_ok=True)
-    values = dict(dag_id="loraflow_finetune", run_id="manual__2026-01-01T00:00:00+00:00", run_type="manual",
-                  workspace=str(ws), dataset_path=str(SAMPLE_CHAT), eval_fraction=0.1, min_rows=20,
-                  registered_model_name="m", promotion_metric="eval_loss", runtime="docker", gpus="all",
-                  memory_limit="", base_model_host=str(config.models_dir() / "tiny-llama"))
+    values = dict(
+        dag_id="loraflow_finetune",
+        run_id="manual__2026-01-01T00:00:00+00:00",
+        run_type="manual",
+        workspace=str(ws),
+        dataset_path=str(SAMPLE_CHAT),
+        eval_fraction=0.1,
+        min_rows=20,
+        registered_model_name="m",
+        promotion_metric="eval_loss",
+        runtime="docker",
+        gpus="all",
+        memory_limit="",
+        base_model_host=str(config.models_dir() / "tiny-llama"),
+    )
     values.update(overrides)
     pipeline = Pipeline(**values)
     (ws / "pipeline.json").write_text(json.dumps(asdict(pipeline)))
     return pipeline
 
 
-@pytest.mark.parametrize(("ids", "expected"), [(None, {"Count": -1}), (["0", "2"], {"DeviceIDs": ["0", "2"]}), ([], None)])
+@pytest.mark.parametrize(
+    ("ids", "expected"), [(None, {"Count": -1}), (["0", "2"], {"DeviceIDs": ["0", "2"]}), ([], None)]
+)
 def test_gpu_lease_becomes_docker_device_requests(ids, expected):
     requests = device_requests(GpuLease(ids))
     if expected is None:
@@ -48,20 +64,27 @@ def test_trainer_container_gets_read_only_inputs_a_writable_output_and_the_run_l
     ws = config.runs_dir() / "loraflow_finetune" / "parts-container"
     pipeline = _pipeline(ws, gpus="1", shm_size="2g", memory_limit="3g")
     op = LoraflowTrainOperator(task_id="train", workspace=str(ws))
-    op.configure_container(pipeline, GpuLease(["1"]))
-    mounts = {m["Target"]: m for m in op.mounts}
+    spec = container_spec(TrainerRun(pipeline, op.entry, op.task_id), op.runtime("docker").settings, GpuLease(["1"]))
+    mounts = {m["Target"]: m for m in spec.mounts}
     assert mounts["/workspace"]["Source"] == str(ws.resolve()) and mounts["/workspace"]["ReadOnly"] is True
-    assert mounts["/workspace/output"]["Source"] == str((ws / "output").resolve()) and mounts["/workspace/output"]["ReadOnly"] is False
+    assert (
+        mounts["/workspace/output"]["Source"] == str((ws / "output").resolve())
+        and mounts["/workspace/output"]["ReadOnly"] is False
+    )
     assert mounts["/models"]["Source"] == str(config.models_dir()) and mounts["/models"]["ReadOnly"] is True
     assert set(mounts) == {"/workspace", "/workspace/output", "/models"}  # no other host access
-    assert op.labels == {"loraflow.dag_id": "loraflow_finetune", "loraflow.run_id": pipeline.run_id,
-                         "loraflow.task_id": "train", "loraflow.gpu": "1"}
-    assert op.command == ["loraflow-train", "--job", "/workspace/job.json"]
-    assert op.device_requests[0]["DeviceIDs"] == ["1"]
-    assert op.network_mode == "none"  # a local base model needs no network
-    assert op.environment["HF_HUB_OFFLINE"] == "1"
-    assert op.shm_size == 2 * 1024**3 and op.mem_limit == "3g"
-    assert op.user.split(":")[0] not in ("0", "root")
+    assert spec.labels == {
+        "loraflow.dag_id": "loraflow_finetune",
+        "loraflow.run_id": pipeline.run_id,
+        "loraflow.task_id": "train",
+        "loraflow.gpu": "1",
+    }
+    assert spec.command == ["loraflow-train", "--job", "/workspace/job.json"]
+    assert spec.device_requests[0]["DeviceIDs"] == ["1"]
+    assert spec.network_mode == "none"  # a local base model needs no network
+    assert spec.environment["HF_HUB_OFFLINE"] == "1"
+    assert spec.shm_size == 2 * 1024**3 and spec.mem_limit == "3g"
+    assert spec.user.split(":")[0] not in ("0", "root")
 
 
 def test_exit_137_with_oomkilled_is_reported_as_out_of_memory():
@@ -74,8 +97,10 @@ def test_exit_137_with_oomkilled_is_reported_as_out_of_memory():
 def test_local_runtime_streams_the_trainer_and_names_its_exit_code(tmp_path, monkeypatch, capsys):
     """A stand-in trainer process (a real subprocess) that prints and exits as the trainer does on bad data."""
     fake = tmp_path / "loraflow-train"
-    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('step 1 loss 2.0', flush=True)\n"
-                    f"print('bad row', file=sys.stderr)\nsys.exit({EXIT_BAD_DATA})\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport sys\nprint('step 1 loss 2.0', flush=True)\n"
+        f"print('bad row', file=sys.stderr)\nsys.exit({EXIT_BAD_DATA})\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("LORAFLOW_TRAINER_BIN", str(fake))
     ws = tmp_path / "ws"
@@ -104,14 +129,20 @@ def test_dataset_paths_must_stay_inside_the_allowed_roots(tmp_path):
 
 
 def _preprocess(tmp_path: Path, name: str, lines: list[str], **spec_overrides):
-    from loraflow_trainer import spec
-
     from loraflow.data.preprocess import preprocess
+    from loraflow_trainer import spec
 
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(lines))
-    job = spec.from_flat({"base_model": "tiny-llama", "data_format": "chat", "train_path": "data/train.parquet",
-                          "eval_path": "data/eval.parquet", **spec_overrides})
+    job = spec.from_flat(
+        {
+            "base_model": "tiny-llama",
+            "data_format": "chat",
+            "train_path": "data/train.parquet",
+            "eval_path": "data/eval.parquet",
+            **spec_overrides,
+        }
+    )
     ws = tmp_path / f"ws-{name}"
     result = preprocess(src, job, ws, 0.2)
     import pandas as pd
@@ -150,15 +181,21 @@ def test_schedule_comes_from_the_environment(monkeypatch):
     assert isinstance(asset, Asset) and asset.uri == "file:///data/new%20chat.jsonl"
 
 
-
-def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_full_tokenization(tmp_path, tiny_model, monkeypatch):
+def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_full_tokenization(
+    tmp_path, tiny_model, monkeypatch
+):
     """Rows whose UTF-8 length cannot exceed the limit are skipped; the verdict must not change."""
     from loraflow.data import checks
 
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本語", "emoji😀", "x"]
-    rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(1, 4))), "completion": " ".join(rng.choices(words, k=rng.randint(1, 4)))}
-            for _ in range(400)]
+    rows = [
+        {
+            "prompt": " ".join(rng.choices(words, k=rng.randint(1, 4))),
+            "completion": " ".join(rng.choices(words, k=rng.randint(1, 4))),
+        }
+        for _ in range(400)
+    ]
     rows[123] = {"prompt": " ".join(["gamma"] * 200), "completion": "ok"}  # far over: line 124
     rows[250] = {"prompt": "é" * 60, "completion": "日本語" * 3}  # many bytes per character: tokenized exactly
     path = tmp_path / "pc.jsonl"
@@ -167,23 +204,34 @@ def test_token_length_check_tokenizing_only_candidates_flags_the_same_rows_as_fu
     def too_long(sample_rows: int):
         monkeypatch.setattr(checks, "SAMPLE_ROWS", sample_rows)
         with pytest.raises(Exception) as err:
-            checks.check(path, "prompt_completion", max_seq_length=64, min_rows=1, tokenizer_json=tiny_model / "tokenizer.json",
-                         report_path=tmp_path / f"report-{sample_rows}.json")
+            checks.check(
+                path,
+                "prompt_completion",
+                max_seq_length=64,
+                min_rows=1,
+                tokenizer_json=tiny_model / "tokenizer.json",
+                report_path=tmp_path / f"report-{sample_rows}.json",
+            )
         report = json.loads((tmp_path / f"report-{sample_rows}.json").read_text())
         [rule] = [r for r in report["rules"] if r["rule"] == "too_long"]
         return rule, report["token_lengths"], str(err.value)
 
-    full_rule, full_stats, _ = too_long(10_000)
+    full_rule, full_stats, full_message = too_long(10_000)
     fast_rule, fast_stats, message = too_long(50)
     assert checks.tokens_at_most_bytes(tiny_model / "tokenizer.json")
     assert fast_stats["rows_tokenized"] < 400 and "sample" in fast_stats["method"]  # the fast path ran
     assert full_stats["rows_tokenized"] == 400
-    assert 124 in fast_rule["rows"] and fast_rule["count"] == full_rule["count"] and fast_rule["rows"] == full_rule["rows"]
+    assert (
+        124 in fast_rule["rows"] and fast_rule["count"] == full_rule["count"] and fast_rule["rows"] == full_rule["rows"]
+    )
     assert fast_stats["max"] == full_stats["max"]
-    assert "line" in message or "124" in message
+    assert message == full_message  # the same verdict, worded the same
+    assert "too_long" in message and re.search(r"\b124\b", message), message  # names the rule and line 124
 
 
-def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by_their_bytes(tmp_path, tiny_model, monkeypatch):
+def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by_their_bytes(
+    tmp_path, tiny_model, monkeypatch
+):
     """The byte-length shortcut must not let a too-long row through: a row exactly one token over
     max_seq_length and a row of few characters but many bytes (emoji: several tokens each) are
     reported with their line numbers; a row exactly at the limit is not."""
@@ -211,8 +259,14 @@ def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     monkeypatch.setattr(checks, "SAMPLE_ROWS", 50)  # 300 rows > 50: the shortcut path, not full tokenization
     with pytest.raises(Exception) as err:
-        checks.check(path, "prompt_completion", max_seq_length=limit, min_rows=1, tokenizer_json=tiny_model / "tokenizer.json",
-                     report_path=tmp_path / "report.json")
+        checks.check(
+            path,
+            "prompt_completion",
+            max_seq_length=limit,
+            min_rows=1,
+            tokenizer_json=tiny_model / "tokenizer.json",
+            report_path=tmp_path / "report.json",
+        )
     report = json.loads((tmp_path / "report.json").read_text())
     [rule] = [r for r in report["rules"] if r["rule"] == "too_long"]
     assert report["token_lengths"]["rows_tokenized"] < len(rows)  # rows were skipped, yet:
