@@ -18,18 +18,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loraflow_trainer import spec
-from loraflow_trainer.errors import JobSpecError
-
-from loraflow import config, evaluation
+from loraflow import config, evaluation, runtimes
 from loraflow.errors import ParamsError
 from loraflow.params import GPUS_PATTERN, MEMORY_PATTERN, MODEL_NAME_PATTERN, refuse_invalid, refuse_unknown, split
+from loraflow_trainer import spec
+from loraflow_trainer.contract import (
+    EVAL_FILE,
+    JOB_FILE,
+    OUTPUT_DIR,
+    TRAIN_FILE,
+    atomic_write_json,
+    is_model_dir,
+    missing_model_message,
+)
+from loraflow_trainer.errors import JobSpecError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DATASET_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 OWNER = "owner.json"
+PIPELINE_FILE = "pipeline.json"  # the Airflow side's settings of the run (``Pipeline``); the trainer never reads it
 
 
 def safe_name(run_id: str) -> str:
@@ -106,20 +122,25 @@ class Pipeline:
 
     @classmethod
     def load(cls, workspace: str | Path) -> Pipeline:
-        return cls(**json.loads((Path(workspace) / "pipeline.json").read_text()))
+        return cls(**json.loads((Path(workspace) / PIPELINE_FILE).read_text()))
 
 
 def confine(path_value: str, roots: list[Path], what: str) -> Path:
     """Resolve a user-given path and require it inside one of ``roots`` (symlinks resolved)."""
     if "\x00" in path_value or "://" in path_value or path_value.startswith("file:"):
-        raise ParamsError(f"{what} {path_value!r} must be a plain file path, not a URL; give a path under {', '.join(map(str, roots))}")
+        raise ParamsError(
+            f"{what} {path_value!r} must be a plain file path, not a URL; "
+            f"give a path under {', '.join(map(str, roots))}"
+        )
     raw = Path(path_value).expanduser()
     candidates = [raw] if raw.is_absolute() else [root / raw for root in roots] + [config.repo_root() / raw]
     for candidate in candidates:
         try:
             candidate.resolve()
         except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
-            raise ParamsError(f"{what} {path_value!r} is a symlink loop ({candidate}); point it at a real file") from None
+            raise ParamsError(
+                f"{what} {path_value!r} is a symlink loop ({candidate}); point it at a real file"
+            ) from None
     for candidate in candidates:
         resolved = candidate.resolve()
         if any(resolved == root or root in resolved.parents for root in roots):
@@ -127,26 +148,33 @@ def confine(path_value: str, roots: list[Path], what: str) -> Path:
                 return resolved
     inside = [c.resolve() for c in candidates if any(c.resolve() == r or r in c.resolve().parents for r in roots)]
     if inside:
-        fix = ("put the model directory there (config.json, weights and tokenizer, as save_pretrained writes them), "
-               "or name a hub id such as org/name" if what == "base_model" else "upload the file there or fix the path")
+        fix = (
+            "put the model directory there (config.json, weights and tokenizer, as save_pretrained writes them), "
+            "or name a hub id such as org/name"
+            if what == "base_model"
+            else "upload the file there or fix the path"
+        )
         raise ParamsError(f"{what} {path_value!r} does not exist (looked at {inside[0]}); {fix}")
     raise ParamsError(
         f"{what} {path_value!r} resolves outside the allowed roots {', '.join(map(str, roots))}; "
-        + ("move the model directory into the model cache (LORAFLOW_MODELS)" if what == "base_model" else
-           "move the file under one of them or add its directory to LORAFLOW_DATA_ROOTS")
+        + (
+            "move the model directory into the model cache (LORAFLOW_MODELS)"
+            if what == "base_model"
+            else "move the file under one of them or add its directory to LORAFLOW_DATA_ROOTS"
+        )
     )
 
 
-def resolve_base_model(value: str) -> tuple[str, str]:
-    """(path for the host, path for the trainer) of a model dir under the cache, or a hub id twice."""
+def resolve_base_model(value: str) -> str:
+    """The base model as the Airflow host sees it: a model directory of the cache, or a hub id (org/name)."""
     models = config.models_dir()
     local = Path(value)
     if not local.is_absolute() and not (models / local).exists() and spec.HUB_ID_PATTERN.match(value) and "/" in value:
-        return value, value  # a hub id: org/name
+        return value
     resolved = confine(value, [models], "base_model")
-    if not (resolved / "config.json").exists():
-        raise ParamsError(f"base_model {value!r} ({resolved}) has no config.json; save the model there with save_pretrained")
-    return str(resolved), str(resolved)
+    if not is_model_dir(resolved):
+        raise ParamsError(missing_model_message(resolved))
+    return str(resolved)
 
 
 def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_keys=None) -> Pipeline:
@@ -160,8 +188,10 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
     refuse_invalid(conf)
     settings, fields = split(conf)
     runtime = settings.get("runtime") or config.default_runtime()
-    if runtime not in ("local", "docker"):
-        raise ParamsError(f"runtime {runtime!r} is not local or docker; set the runtime param or LORAFLOW_RUNTIME")
+    if runtime not in runtimes.NAMES:
+        raise ParamsError(
+            f"runtime {runtime!r} is not {' or '.join(runtimes.NAMES)}; set the runtime param or LORAFLOW_RUNTIME"
+        )
     # The form validates these too; a trigger through the API or the CLI may skip the form.
     gpus = str(settings.get("gpus", "auto"))
     if not re.match(GPUS_PATTERN, gpus):
@@ -179,35 +209,45 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
     eval_dataset = None
     if settings.get("eval_dataset_path"):
         eval_dataset = dataset_file(str(settings["eval_dataset_path"]), "eval_dataset_path")
-    base_host, base_trainer = resolve_base_model(str(fields.pop("base_model", "")))
-    if runtime == "docker" and base_host == base_trainer and Path(base_host).is_absolute():
-        base_trainer = f"{config.CONTAINER_MODELS}/{Path(base_host).relative_to(config.models_dir())}"
+    base_host = resolve_base_model(str(fields.pop("base_model", "")))
 
     ws = run_dir(dag_id, run_id)
     eval_fraction = float(settings.get("eval_fraction", 0.1))
     try:
         job = spec.from_flat(
-            {**fields, "base_model": base_trainer, "trust_remote_code": config.trust_remote_code(),
-             "train_path": "data/train.parquet",
-             "eval_path": "data/eval.parquet" if eval_fraction > 0 or eval_dataset else None},
-            output_dir="output",
+            {
+                **fields,
+                "base_model": runtimes.model_path(runtime, base_host),
+                "trust_remote_code": config.trust_remote_code(),
+                "train_path": TRAIN_FILE,
+                "eval_path": EVAL_FILE if eval_fraction > 0 or eval_dataset else None,
+            },
+            output_dir=OUTPUT_DIR,
             labels={"dag_id": dag_id, "run_id": run_id},
         )
     except JobSpecError as exc:
         raise ParamsError(str(exc)) from None
     claim(ws, dag_id, run_id)
     pipeline = Pipeline(
-        dag_id=dag_id, run_id=run_id, run_type=run_type, workspace=str(ws), dataset_path=str(dataset),
-        eval_fraction=eval_fraction, min_rows=int(settings.get("min_rows", 20)),
+        dag_id=dag_id,
+        run_id=run_id,
+        run_type=run_type,
+        workspace=str(ws),
+        dataset_path=str(dataset),
+        eval_fraction=eval_fraction,
+        min_rows=int(settings.get("min_rows", 20)),
         registered_model_name=name,
-        promotion_metric=str(settings.get("promotion_metric", "eval_loss")), runtime=runtime,
-        gpus=gpus, memory_limit=str(settings.get("memory_limit", "") or ""),
+        promotion_metric=str(settings.get("promotion_metric", "eval_loss")),
+        runtime=runtime,
+        gpus=gpus,
+        memory_limit=str(settings.get("memory_limit", "") or ""),
         shm_size=str(settings.get("shm_size", "1g") or ""),
-        base_model_host=base_host, eval_dataset_path=str(eval_dataset) if eval_dataset else None,
+        base_model_host=base_host,
+        eval_dataset_path=str(eval_dataset) if eval_dataset else None,
         **evaluation.settings(settings),
     )
-    job.write(ws / "job.json")
-    _write_json(ws / "pipeline.json", asdict(pipeline))
+    job.write(ws / JOB_FILE)
+    atomic_write_json(ws / PIPELINE_FILE, asdict(pipeline))
     return pipeline
 
 
@@ -221,25 +261,22 @@ def dataset_file(value: str, what: str) -> Path:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise ParamsError(f"{what} {value!r} cannot be read ({exc.strerror}); fix the path or the file's permissions") from None
+        raise ParamsError(
+            f"{what} {value!r} cannot be read ({exc.strerror}); fix the path or the file's permissions"
+        ) from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise ParamsError(f"{what} {value!r} ({path}) is {kind}, not a regular file; give the path of a CSV, JSONL or Parquet file")
+        kind = next((name for is_kind, name in _NOT_REGULAR if is_kind(mode)), "not a regular file")
+        raise ParamsError(
+            f"{what} {value!r} ({path}) is {kind}, not a regular file; give the path of a CSV, JSONL or Parquet file"
+        )
     if path.suffix.lower() not in DATASET_SUFFIXES:
-        raise ParamsError(f"{what} {path.name!r} is not CSV, JSONL or Parquet (.csv, .jsonl, .parquet); convert it to one of those")
+        raise ParamsError(
+            f"{what} {path.name!r} is not CSV, JSONL or Parquet (.csv, .jsonl, .parquet); convert it to one of those"
+        )
     if not os.access(path, os.R_OK):
         raise ParamsError(f"{what} {value!r} ({path}) is not readable by the Airflow worker; fix its permissions")
     return path
 
 
 def load_job(workspace: str | Path) -> spec.JobSpec:
-    return spec.load(Path(workspace) / "job.json")
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
+    return spec.load(Path(workspace) / JOB_FILE)
