@@ -55,7 +55,9 @@ def host_gpu_ids() -> list[str]:
     if not smi:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
@@ -70,7 +72,9 @@ def pool_slots() -> int:
 def request_mode() -> str:
     mode = os.environ.get("LORAFLOW_GPU_REQUEST", "device_requests")
     if mode not in ("device_requests", "env"):
-        raise TrainingError(f"LORAFLOW_GPU_REQUEST={mode!r} is not device_requests or env; fix the worker's environment")
+        raise TrainingError(
+            f"LORAFLOW_GPU_REQUEST={mode!r} is not device_requests or env; fix the worker's environment"
+        )
     return mode
 
 
@@ -79,8 +83,12 @@ def ensure_pool(env: dict[str, str] | None = None, python: str | None = None) ->
     import sys
 
     slots = pool_slots()
-    subprocess.run([python or sys.executable, "-m", "airflow", "pools", "set", pool_name(), str(slots), POOL_DESCRIPTION],
-                   env={**os.environ, **(env or {})}, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [python or sys.executable, "-m", "airflow", "pools", "set", pool_name(), str(slots), POOL_DESCRIPTION],
+        env={**os.environ, **(env or {})},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return slots
 
 
@@ -149,12 +157,16 @@ def check_request(gpus: str, host: list[str] | None = None) -> None:
     if len(set(ids)) != len(ids):
         raise TrainingError(f"gpus={gpus!r} names a GPU twice; list each id once, e.g. 0,1")
     if not host:
-        raise TrainingError(f"gpus={gpus!r} names GPU {gpus}, but this worker has no GPU (LORAFLOW_GPU_IDS unset or "
-                            "empty, no nvidia-smi); use gpus=none or auto to train on CPU, or run on a GPU worker")
+        raise TrainingError(
+            f"gpus={gpus!r} names GPU {gpus}, but this worker has no GPU (LORAFLOW_GPU_IDS unset or "
+            "empty, no nvidia-smi); use gpus=none or auto to train on CPU, or run on a GPU worker"
+        )
     unknown = [g for g in ids if g not in host]
     if unknown:
-        raise TrainingError(f"gpus={gpus!r} names GPU {', '.join(unknown)}, but this host has {', '.join(host)}; "
-                            "use auto, all, none or ids of this host")
+        raise TrainingError(
+            f"gpus={gpus!r} names GPU {', '.join(unknown)}, but this host has {', '.join(host)}; "
+            "use auto, all, none or ids of this host"
+        )
     check_slots(gpus)
 
 
@@ -162,12 +174,19 @@ def check_slots(gpus: str) -> None:
     """Refuse a request for more GPUs than the pool has slots: its train task would wait forever."""
     want, slots = slots_for(gpus), pool_slots()
     if want > slots:
-        raise TrainingError(f"gpus={gpus!r} asks for {want} GPUs, but the pool {pool_name()} has {slots} slot(s) (one per "
-                            "GPU of a worker): the train task could never be scheduled; ask for at most that many")
+        raise TrainingError(
+            f"gpus={gpus!r} asks for {want} GPUs, but the pool {pool_name()} has {slots} slot(s) (one per "
+            "GPU of a worker): the train task could never be scheduled; ask for at most that many"
+        )
 
 
-def acquire(gpus: str, busy: Callable[[], Iterable[str]] = lambda: (), log: Callable[[str], None] = print,
-            timeout: float = 24 * 3600, poll: float = 5.0) -> GpuLease:
+def acquire(
+    gpus: str,
+    busy: Callable[[], Iterable[str]] = lambda: (),
+    log: Callable[[str], None] = print,
+    timeout: float = 24 * 3600,
+    poll: float = 5.0,
+) -> GpuLease:
     """Lease the GPUs a run asked for, waiting while others hold them.
 
     ``busy`` returns GPU ids other trainers hold outside our locks (running containers'
@@ -207,8 +226,10 @@ def acquire(gpus: str, busy: Callable[[], Iterable[str]] = lambda: (), log: Call
                     return GpuLease(list(wanted), files)
                 GpuLease([], files).release()
         if time.monotonic() > deadline:
-            raise TrainingError(f"no free GPU for gpus={gpus!r} after {timeout:.0f}s (held by other loraflow runs); "
-                                f"size the pool {pool_name()} to the GPUs or lower max_active_runs")
+            raise TrainingError(
+                f"no free GPU for gpus={gpus!r} after {timeout:.0f}s (held by other loraflow runs); "
+                f"size the pool {pool_name()} to the GPUs or lower max_active_runs"
+            )
         if not said:
             log(f"loraflow: waiting for GPU(s) {gpus} (held by other runs)")
             said = True
@@ -224,5 +245,7 @@ def check_params(gpus: str, dp_enabled: bool = False) -> None:
     except TrainingError as exc:
         raise ParamsError(str(exc)) from None
     if dp_enabled and slots_for(gpus) > 1:
-        raise ParamsError(f"dp_enabled trains on one GPU, but gpus={gpus!r} asks for {slots_for(gpus)}: DP-SGD's accounting "
-                          "is for one process; set gpus to auto or one id")
+        raise ParamsError(
+            f"dp_enabled trains on one GPU, but gpus={gpus!r} asks for {slots_for(gpus)}: DP-SGD's accounting "
+            "is for one process; set gpus to auto or one id"
+        )

@@ -35,10 +35,18 @@ def test_auto_takes_a_free_gpu_each_and_a_third_run_waits(two_gpus):
 
 
 def test_a_gpu_held_by_another_process_is_busy_until_that_process_dies(two_gpus, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, 'plugins'); from loraflow import gpus\n"
-        "lease = gpus.acquire('0'); print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; sys.path.insert(0, 'plugins'); from loraflow import gpus\n"
+                "lease = gpus.acquire('0'); print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert gpus.acquire("auto").ids == ["1"]  # 0 is taken by the other process
@@ -87,13 +95,19 @@ def test_a_run_takes_one_pool_slot_per_gpu_it_asks_for(two_gpus):
     assert [gpus.slots_for(g) for g in ("none", "auto", "0", "0,1", "all")] == [1, 1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("ids, request_, expected", [
-    ("", "7", "this worker has no GPU"),  # used to lease 7 and train on CPU
-    ("0,1", "7", "this host has 0, 1"),
-    ("0,1", "0,0", "names a GPU twice"),
-    ("0,1,2,3", "0,1,2", "the pool loraflow_gpu has 2 slot"),  # would wait for slots forever
-], ids=["gpu-on-a-cpu-host", "unknown-id", "duplicate", "more-than-the-pool"])
-def test_gpu_requests_the_worker_cannot_serve_are_refused_before_anything_starts(monkeypatch, tmp_path, ids, request_, expected):
+@pytest.mark.parametrize(
+    "ids, request_, expected",
+    [
+        ("", "7", "this worker has no GPU"),  # used to lease 7 and train on CPU
+        ("0,1", "7", "this host has 0, 1"),
+        ("0,1", "0,0", "names a GPU twice"),
+        ("0,1,2,3", "0,1,2", "the pool loraflow_gpu has 2 slot"),  # would wait for slots forever
+    ],
+    ids=["gpu-on-a-cpu-host", "unknown-id", "duplicate", "more-than-the-pool"],
+)
+def test_gpu_requests_the_worker_cannot_serve_are_refused_before_anything_starts(
+    monkeypatch, tmp_path, ids, request_, expected
+):
     monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path))
     monkeypatch.setenv("LORAFLOW_GPU_IDS", ids)
     monkeypatch.setenv("LORAFLOW_GPU_SLOTS", "2")
@@ -101,10 +115,14 @@ def test_gpu_requests_the_worker_cannot_serve_are_refused_before_anything_starts
         gpus.acquire(request_, timeout=0.1, poll=0.1)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"gpus": "0,1,2"}, "asks for 3 GPUs, but the pool loraflow_gpu has 2 slot"),
-    ({"gpus": "0,1", "dp_enabled": True}, "dp_enabled trains on one GPU"),
-], ids=["more-than-the-pool", "dp-on-two-gpus"])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"gpus": "0,1,2"}, "asks for 3 GPUs, but the pool loraflow_gpu has 2 slot"),
+        ({"gpus": "0,1", "dp_enabled": True}, "dp_enabled trains on one GPU"),
+    ],
+    ids=["more-than-the-pool", "dp-on-two-gpus"],
+)
 def test_a_trigger_the_gpu_pool_cannot_serve_fails_in_prepare(monkeypatch, tiny_model, overrides, expected):
     from loraflow import workspace
     from loraflow.errors import ParamsError
