@@ -117,23 +117,33 @@ def _rank_of(pid: int) -> str | None:
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
 
 
-def test_a_killed_rank_fails_the_run_with_its_cause_and_a_retry_resumes_on_two_processes(make_job, tmp_path):
-    job = _job(make_job, tmp_path, "killed", per_device_train_batch_size=4, num_processes=2, max_steps=6)
+def _interrupted(job: Path, at_line: str, act) -> tuple[subprocess.Popen, int]:
+    """Run the job (in its own process group); on the first stdout line starting with ``at_line``
+    call ``act(proc)``, then wait for the run to end. Returns the process and its exit code."""
     proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), cwd=job.parent, start_new_session=True)
-    killed, ranks = None, {}
     try:
         for line in proc.stdout:
-            if line.startswith("step 3/"):  # checkpoint-2 is complete by now
-                ranks = {_rank_of(p): p for p in _descendants(proc.pid)}
-                killed = ranks["1"]
-                os.kill(killed, signal.SIGKILL)
+            if line.startswith(at_line):
+                act(proc)
                 break
         proc.stdout.read()
-        code = proc.wait(timeout=180)
+        return proc, proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_killed_rank_fails_the_run_with_its_cause_and_a_retry_resumes_on_two_processes(make_job, tmp_path):
+    job = _job(make_job, tmp_path, "killed", per_device_train_batch_size=4, num_processes=2, max_steps=6)
+    ranks: dict[str | None, int] = {}
+
+    def kill_rank_1(proc):
+        ranks.update({_rank_of(p): p for p in _descendants(proc.pid)})
+        os.kill(ranks["1"], signal.SIGKILL)
+
+    proc, code = _interrupted(job, "step 3/", kill_rank_1)  # checkpoint-2 is complete by step 3
+    killed = ranks.get("1")
     stderr = proc.stderr.read()
     assert killed is not None, stderr[-3000:]
     assert code == errors.EXIT_KILLED, stderr[-3000:]
@@ -184,19 +194,13 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(make_job, tmp_pa
     """docker stop sends SIGTERM to the launcher; every rank checkpoints the same step and the run exits 130."""
     job = _job(make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40,
                save_steps=100)
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=job.parent, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 2/"):
-                ranks = [p for p in _descendants(proc.pid) if _rank_of(p) is not None]
-                proc.send_signal(signal.SIGTERM)
-                break
-        proc.stdout.read()
-        code = proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    ranks: list[int] = []
+
+    def stop(proc):
+        ranks.extend(p for p in _descendants(proc.pid) if _rank_of(p) is not None)
+        proc.send_signal(signal.SIGTERM)
+
+    proc, code = _interrupted(job, "step 2/", stop)
     assert code == errors.EXIT_INTERRUPTED, proc.stderr.read()[-3000:]
     [checkpoint] = list((job.parent / "output" / "checkpoints").glob("checkpoint-*"))
     assert (checkpoint / "trainer_state.json").exists()
