@@ -13,6 +13,7 @@ normalised key are built, used and dropped in turn.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import os
 from collections.abc import Iterator
@@ -200,15 +201,9 @@ def dataset_schema(columns, data_format: str, source: Path, train_rows: int, eva
     }
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
 def _hex(digest: np.ndarray) -> np.ndarray:
-    """(n, 32) digests as an (n,) array of 64-byte lowercase hex strings (``hexdigest()``), vectorised."""
-    out = np.empty((len(digest), 64), dtype=np.uint8)
-    out[:, 0::2] = _HEX[digest >> 4]
-    out[:, 1::2] = _HEX[digest & 15]
-    return out.view("S64").reshape(-1)
+    """(n, 32) digests as an (n,) array of 64-byte lowercase hex strings (``hexdigest()``)."""
+    return np.frombuffer(binascii.hexlify(np.ascontiguousarray(digest).tobytes()), dtype="S64")
 
 
 def _fingerprint(hexes: np.ndarray, extra: list[str], spec_hash: str) -> str:

@@ -275,7 +275,7 @@ def _decode(raw: bytes, name: str) -> str:
 
 
 _SCAN_BLOCK = 1 << 24
-_SPACES_ONLY_LINE = re.compile(rb"\n[ \t\r]+\n")
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # one regex pass: bytes.find for "\n\n" was slower
 
 
 def _scan_jsonl(path: Path) -> tuple[int, bool]:
@@ -301,11 +301,7 @@ def _scan_jsonl(path: Path) -> tuple[int, bool]:
                 tail += block
                 continue
             if not blank:  # the line the block's first newline ends, then the lines between its newlines
-                blank = (
-                    not (tail + block[:first]).strip(b" \t\r")
-                    or b"\n\n" in block
-                    or _SPACES_ONLY_LINE.search(block) is not None
-                )
+                blank = not (tail + block[:first]).strip(b" \t\r") or _BLANK_LINE.search(block) is not None
             tail = block[block.rfind(b"\n") + 1 :]
     try:
         decoder.decode(b"", final=True)
