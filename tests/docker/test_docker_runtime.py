@@ -73,11 +73,16 @@ def watch_first_container(docker_client, checks: dict) -> threading.Thread:
     def run():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            for c in docker_client.containers.list(filters={"label": "loraflow.dag_id=loraflow_finetune", "status": "running"}):
+            for c in docker_client.containers.list(
+                filters={"label": "loraflow.dag_id=loraflow_finetune", "status": "running"}
+            ):
                 checks["attrs"] = c.attrs
-                probe = ("id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/1/status; "
-                         "for f in /opt/x /workspace/x /workspace/data/x /workspace/job.json /workspace/output/.probe /tmp/.probe; do "
-                         "if touch $f 2>/dev/null; then echo \"writable $f\"; fi; done; rm -f /workspace/output/.probe")
+                probe = (
+                    "id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/1/status; "
+                    "for f in /opt/x /workspace/x /workspace/data/x /workspace/job.json "
+                    "/workspace/output/.probe /tmp/.probe; do "
+                    'if touch $f 2>/dev/null; then echo "writable $f"; fi; done; rm -f /workspace/output/.probe'
+                )
                 checks["inside"] = c.exec_run(["sh", "-c", probe]).output.decode()
                 return
             time.sleep(0.2)
@@ -88,12 +93,16 @@ def watch_first_container(docker_client, checks: dict) -> threading.Thread:
 
 
 def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_digest(
-        run_dag, mlflow_client, mlflow_server, docker_client, trainer_image, monkeypatch, stack, capfd):
+    run_dag, mlflow_client, mlflow_server, docker_client, trainer_image, monkeypatch, stack, capfd
+):
     # Credentials as an operator keeps them: Airflow connections (here from the environment).
     monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_HF", json.dumps({"conn_type": "generic", "password": HF_SECRET}))
-    monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_MLFLOW", json.dumps({"conn_type": "http", "login": "ci", "password": MLFLOW_SECRET}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LORAFLOW_MLFLOW", json.dumps({"conn_type": "http", "login": "ci", "password": MLFLOW_SECRET})
+    )
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(var, "")  # restored (removed) after the test: the tasks run in this process
+    monkeypatch.setenv("LORAFLOW_CONTAINER_PIDS_LIMIT", "2048")  # not the default 4096: the setting reaches the engine
     name = "docker-e2e"
     checks: dict = {}
     watcher = watch_first_container(docker_client, checks)
@@ -124,7 +133,7 @@ def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_d
     host, cfg = checks["attrs"]["HostConfig"], checks["attrs"]["Config"]
     assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd") and not host["Privileged"]
     assert "no-new-privileges:true" in host["SecurityOpt"]
-    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"] and host["PidsLimit"] > 0
+    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"] and host["PidsLimit"] == 2048
     assert host["Memory"] == 2 * 1024**3 and host["ShmSize"] == 512 * 1024**2
     assert host["NetworkMode"] == "none"
     assert cfg["User"] and cfg["User"].split(":")[0] not in ("0", "root")
@@ -145,17 +154,23 @@ def test_docker_runtime_trains_in_a_hardened_container_and_registers_the_image_d
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == MLFLOW_SECRET
     # ... and neither secret was written anywhere: workspace, task logs, Airflow DB, MLflow
     # (its DB holds params and tags; artifacts are files), the model cache.
-    leaked = [str(f) for f in stack.home.rglob("*") if f.is_file()
-              and (HF_SECRET.encode() in f.read_bytes() or MLFLOW_SECRET.encode() in f.read_bytes())]
+    leaked = [
+        str(f)
+        for f in stack.home.rglob("*")
+        if f.is_file() and (HF_SECRET.encode() in f.read_bytes() or MLFLOW_SECRET.encode() in f.read_bytes())
+    ]
     assert leaked == []
     out, err = capfd.readouterr()
     assert HF_SECRET not in out + err and MLFLOW_SECRET not in out + err
     run = mlflow_client.get_run(version.run_id)
-    assert not any(HF_SECRET in str(v) or MLFLOW_SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+    assert not any(
+        HF_SECRET in str(v) or MLFLOW_SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()]
+    )
 
 
 def test_trainer_exiting_non_zero_fails_the_task_with_the_cause(
-        run_dag, mlflow_client, docker_client, trainer_image, tiny_model):
+    run_dag, mlflow_client, docker_client, trainer_image, tiny_model
+):
     # A model directory that passes the Airflow-side check (config.json, tokenizer) but
     # has no weights: the trainer in the container exits non-zero.
     broken = tiny_model.parent / "weightless-llama"
@@ -169,8 +184,7 @@ def test_trainer_exiting_non_zero_fails_the_task_with_the_cause(
     assert containers_of(docker_client, run_id_of(ws)) == []
 
 
-def test_container_killed_at_its_memory_limit_says_out_of_memory(
-        run_dag, mlflow_client, docker_client, trainer_image):
+def test_container_killed_at_its_memory_limit_says_out_of_memory(run_dag, mlflow_client, docker_client, trainer_image):
     name = "docker-oom"
     state, tis, ws = run_dag(docker_conf(name, memory_limit="96m"))
     assert_failed_and_cleaned(docker_client, mlflow_client, name, state, tis, ws)
@@ -180,7 +194,8 @@ def test_container_killed_at_its_memory_limit_says_out_of_memory(
 
 
 def test_trainer_killed_mid_run_fails_cleanly_and_the_retry_resumes_from_its_checkpoint(
-        run_dag, mlflow_client, docker_client, trainer_image, capfd):
+    run_dag, mlflow_client, docker_client, trainer_image, capfd
+):
     """The container is SIGKILLed under the task after its first checkpoint (as when a worker
     or the engine kills it); the retry of the train task continues from that checkpoint."""
     from loraflow.operators import LoraflowTrainOperator
@@ -208,7 +223,10 @@ def test_trainer_killed_mid_run_fails_cleanly_and_the_retry_resumes_from_its_che
     assert_failed_and_cleaned(docker_client, mlflow_client, name, state, tis, ws)
 
     # The retry (a shorter budget, so the test ends soon) resumes instead of starting over.
-    done = max(int(p.parent.name.rsplit("-", 1)[1]) for p in (ws / "output" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    done = max(
+        int(p.parent.name.rsplit("-", 1)[1])
+        for p in (ws / "output" / "checkpoints").glob("checkpoint-*/trainer_state.json")
+    )
     job = json.loads((ws / "job.json").read_text())
     job["training"]["max_steps"] = done + 3
     (ws / "job.json").write_text(json.dumps(job))
@@ -257,7 +275,18 @@ def test_on_kill_stops_and_removes_the_trainer_container(run_dag, docker_client,
     op.on_kill()
     task.join(timeout=120)
     assert not task.is_alive()
-    assert "error" in outcome
+    # docker stop's SIGTERM: the trainer checkpointed and exited 130, and the task says so.
+    from airflow.providers.docker.exceptions import DockerContainerFailedException
+
+    from loraflow.runtimes import TrainerFailed
+    from loraflow_trainer.errors import EXIT_INTERRUPTED, EXIT_MEANINGS
+
+    error = outcome.get("error")
+    assert isinstance(error, TrainerFailed) and isinstance(error, DockerContainerFailedException), repr(error)
+    assert error.exit_code == EXIT_INTERRUPTED, str(error)
+    assert str(error).startswith(f"training failed (exit {EXIT_INTERRUPTED}): {EXIT_MEANINGS[EXIT_INTERRUPTED]}"), str(
+        error
+    )
     assert containers_of(docker_client, pipeline.run_id) == []
     assert (ws / "data" / "train.parquet").is_file()
 
