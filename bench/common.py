@@ -23,8 +23,38 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CACHE = RESULTS / "cache"
 
-_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "ben", "dor", "el", "fa", "gu", "ho", "is", "ju",
-              "pe", "qua", "sa", "to", "um", "wi", "xe", "yo", "zan", "an", "er", "in", "on", "ur"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "ta",
+    "vo",
+    "shi",
+    "ben",
+    "dor",
+    "el",
+    "fa",
+    "gu",
+    "ho",
+    "is",
+    "ju",
+    "pe",
+    "qua",
+    "sa",
+    "to",
+    "um",
+    "wi",
+    "xe",
+    "yo",
+    "zan",
+    "an",
+    "er",
+    "in",
+    "on",
+    "ur",
+]
 
 
 def vocabulary(n: int = 3000, seed: int = 0) -> list[str]:
@@ -55,7 +85,7 @@ class TextGen:
         flat = self.words[self.rng.choice(len(self.words), size=int(sum(lengths)), p=self.p)]
         out, at = [], 0
         for k in lengths:
-            out.append(" ".join(flat[at:at + k]))
+            out.append(" ".join(flat[at : at + k]))
             at += k
         return out
 
@@ -85,8 +115,16 @@ def bench_model(hidden: int = 256, layers: int = 4, heads: int = 4, vocab: int =
         return out
     corpus = [r["prompt"] + r["completion"] for r in prompt_completion_rows(4000, seed=123)]
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    build_tiny_model(tmp, corpus, vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                     max_position_embeddings=max_pos, seed=0)
+    build_tiny_model(
+        tmp,
+        corpus,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        max_position_embeddings=max_pos,
+        seed=0,
+    )
     tmp.replace(out)
     return out
 
@@ -107,7 +145,9 @@ def cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_average_start": load_average(),
     }
@@ -142,8 +182,10 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) + " |" for row in cells]
     return "\n".join(lines)
 

@@ -28,15 +28,26 @@ from bench.common import CACHE, RESULTS  # noqa: E402
 
 def rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": f"What is {a} plus {b}?", "completion": f" {a} plus {b} is {a + b}."}
-            for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(n))]
+    return [
+        {"prompt": f"What is {a} plus {b}?", "completion": f" {a} plus {b} is {a + b}."}
+        for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(n))
+    ]
 
 
 def tiny_model() -> Path:
     out = CACHE / "tiny-llama-eval"
     if not (out / "config.json").exists():
-        subprocess.run([str(Path(sys.executable).parent / "loraflow-train"), "make-tiny-model", "--out", str(out),
-                        "--data", str(REPO / "examples" / "data" / "sample_prompt_completion.jsonl")], check=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "loraflow-train"),
+                "make-tiny-model",
+                "--out",
+                str(out),
+                "--data",
+                str(REPO / "examples" / "data" / "sample_prompt_completion.jsonl"),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -70,33 +81,64 @@ def main() -> None:
     work.mkdir(parents=True)
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(256, 0)))
     (work / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n_eval, 1)))
-    job = {"model": {"base_model": str(tiny_model())},
-           "data": {"train_path": "train.jsonl", "eval_path": "eval.jsonl", "data_format": "prompt_completion"},
-           "training": {"max_steps": steps, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "max_seq_length": 128},
-           "evaluation": {"num_sample_generations": 1, "per_device_eval_batch_size": 8}}
+    job = {
+        "model": {"base_model": str(tiny_model())},
+        "data": {"train_path": "train.jsonl", "eval_path": "eval.jsonl", "data_format": "prompt_completion"},
+        "training": {
+            "max_steps": steps,
+            "learning_rate": 1e-2,
+            "per_device_train_batch_size": 8,
+            "max_seq_length": 128,
+        },
+        "evaluation": {"num_sample_generations": 1, "per_device_eval_batch_size": 8},
+    }
     (work / "job.json").write_text(json.dumps(job))
     py = sys.executable
     train_s = timed([py, "-m", "loraflow_trainer", "--job", str(work / "job.json")])
     shutil.copytree(work / "output" / "adapter", work / "champion")
-    (work / "evaluate_request.json").write_text(json.dumps({
-        "adapters": {"challenger": "output/adapter", "champion": "champion"},
-        "champion": {"status": "compared", "version": "bench"}, "max_generation_examples": 64}))
+    (work / "evaluate_request.json").write_text(
+        json.dumps(
+            {
+                "adapters": {"challenger": "output/adapter", "champion": "champion"},
+                "champion": {"status": "compared", "version": "bench"},
+                "max_generation_examples": 64,
+            }
+        )
+    )
     eval_s = timed([py, "-m", "loraflow_trainer.evaluate", "--job", str(work / "job.json")])
     ev = json.loads((work / "output" / "eval.json").read_text())
     metrics = json.loads((work / "output" / "metrics.json").read_text())
-    per_model = {k: {"loss_s_per_1k": m["loss_seconds"] / ev["n_examples"] * 1000,
-                     "generation_s": m["seconds"] - m["loss_seconds"]} for k, m in ev["models"].items()}
-    result = {"eval_examples": ev["n_examples"], "generation_examples": ev["n_generation_examples"],
-              "train_steps": steps, "train_task_wall_s": train_s, "train_runtime_s": metrics["train_runtime_s"],
-              "evaluate_task_wall_s": eval_s, "evaluate_runtime_s": ev["runtime_s"], "model_load_s": ev["load_seconds"],
-              "per_model": per_model, "evaluate_vs_train_wall": eval_s / train_s,
-              "evaluate_wall_s_per_1k_examples": eval_s / ev["n_examples"] * 1000,
-              "train_task_cpu_s": CPU_S[0], "evaluate_task_cpu_s": CPU_S[1], "evaluate_vs_train_cpu": CPU_S[1] / CPU_S[0],
-              "load_average": os.getloadavg()[0], "smoke": args.smoke}
+    per_model = {
+        k: {
+            "loss_s_per_1k": m["loss_seconds"] / ev["n_examples"] * 1000,
+            "generation_s": m["seconds"] - m["loss_seconds"],
+        }
+        for k, m in ev["models"].items()
+    }
+    result = {
+        "eval_examples": ev["n_examples"],
+        "generation_examples": ev["n_generation_examples"],
+        "train_steps": steps,
+        "train_task_wall_s": train_s,
+        "train_runtime_s": metrics["train_runtime_s"],
+        "evaluate_task_wall_s": eval_s,
+        "evaluate_runtime_s": ev["runtime_s"],
+        "model_load_s": ev["load_seconds"],
+        "per_model": per_model,
+        "evaluate_vs_train_wall": eval_s / train_s,
+        "evaluate_wall_s_per_1k_examples": eval_s / ev["n_examples"] * 1000,
+        "train_task_cpu_s": CPU_S[0],
+        "evaluate_task_cpu_s": CPU_S[1],
+        "evaluate_vs_train_cpu": CPU_S[1] / CPU_S[0],
+        "load_average": os.getloadavg()[0],
+        "smoke": args.smoke,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluate_cost.json").write_text(json.dumps(result, indent=2))
-    print(f"eval examples {ev['n_examples']}, 2 adapters, {ev['n_generation_examples']} generations each "
-          f"(load average {result['load_average']:.1f})")
+    print(
+        f"eval examples {ev['n_examples']}, 2 adapters, {ev['n_generation_examples']} generations each "
+        f"(load average {result['load_average']:.1f})"
+    )
     print(f"{'':28}{'seconds':>10}")
     print(f"{'train task (' + str(steps) + ' steps)':28}{train_s:10.1f}")
     print(f"{'evaluate task':28}{eval_s:10.1f}   ({result['evaluate_vs_train_wall']:.2f}x train)")

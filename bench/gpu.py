@@ -39,14 +39,35 @@ import common  # noqa: E402
 
 SIZES = {
     # Llama-3.2-1B and Llama-3-8B shapes.
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 # Dense bf16 peak TFLOP/s (no sparsity), matched on the device name, most specific first.
-PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
-               ("A10G", 125.0), ("L4", 121.0)]
+PEAK_TFLOPS = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+    ("L4", 121.0),
+]
 
 
 def peak_tflops(name: str) -> float | None:
@@ -61,8 +82,14 @@ def build_model(size: str) -> Path:
     if (out / "config.json").exists():
         return out
     tok = AutoTokenizer.from_pretrained(common.bench_model())
-    config = LlamaConfig(**SIZES[size], max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **SIZES[size],
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -116,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return scaling(a, info)
     if not torch.cuda.is_available():
         print("no CUDA GPU present: the GPU benchmark needs one and was skipped (nothing measured)")
-        common.write_result("gpu", {"machine": info, "smoke": a.smoke, "skipped": "no CUDA GPU present", "results": []},
-                            a.out)
+        common.write_result(
+            "gpu", {"machine": info, "smoke": a.smoke, "skipped": "no CUDA GPU present", "results": []}, a.out
+        )
         return 0
 
     import runners
@@ -136,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         n_lin = linear_params(model_dir)
         for quant in a.quant:
             w = runners.Workload(
-                model_dir=model_dir, train_path=train_path, eval_rows=rows[:8], batch_size=a.batch_size,
-                max_seq_length=a.max_seq_length, token_budget=2000 if a.smoke else a.tokens, learning_rate=2e-4,
-                quantization=quant, bf16=torch.cuda.is_bf16_supported(),
+                model_dir=model_dir,
+                train_path=train_path,
+                eval_rows=rows[:8],
+                batch_size=a.batch_size,
+                max_seq_length=a.max_seq_length,
+                token_budget=2000 if a.smoke else a.tokens,
+                learning_rate=2e-4,
+                quantization=quant,
+                bf16=torch.cuda.is_bf16_supported(),
                 gradient_checkpointing=not a.no_gradient_checkpointing,
                 mean_tokens=runners.mean_tokens(model_dir, train_rows, a.max_seq_length),
             )
@@ -156,25 +190,62 @@ def main(argv: list[str] | None = None) -> int:
                 mine = [x for x in runs if x["setup"] == s]
                 rate = statistics.median(x["tokens_per_s"] for x in mine)
                 mem = max((x["peak_cuda_mb"] or 0) for x in mine)
-                row = {"size": size, "quantization": quant, "setup": s, "tokens_per_s": rate,
-                       "mfu": rate * 4 * n_lin / (peak * 1e12) if peak else None, "peak_gib": mem / 1024,
-                       "eval_loss": statistics.median(x.get("eval_loss", float("nan")) for x in mine),
-                       "pad_fraction": statistics.median(x.get("pad_fraction", 0.0) for x in mine),
-                       "oom": any(x.get("oom") for x in mine), "linear_params": n_lin}
+                row = {
+                    "size": size,
+                    "quantization": quant,
+                    "setup": s,
+                    "tokens_per_s": rate,
+                    "mfu": rate * 4 * n_lin / (peak * 1e12) if peak else None,
+                    "peak_gib": mem / 1024,
+                    "eval_loss": statistics.median(x.get("eval_loss", float("nan")) for x in mine),
+                    "pad_fraction": statistics.median(x.get("pad_fraction", 0.0) for x in mine),
+                    "oom": any(x.get("oom") for x in mine),
+                    "linear_params": n_lin,
+                }
                 results.append(row)
-            base = next((x["tokens_per_s"] for x in results if x["size"] == size and x["quantization"] == quant
-                         and x["setup"] == "hf_padding"), None)
+            base = next(
+                (
+                    x["tokens_per_s"]
+                    for x in results
+                    if x["size"] == size and x["quantization"] == quant and x["setup"] == "hf_padding"
+                ),
+                None,
+            )
             for x in results:
                 if x["size"] == size and x["quantization"] == quant:
                     x["x_vs_b"] = x["tokens_per_s"] / base if base else None
-            print(common.table([x for x in results if x["size"] == size and x["quantization"] == quant],
-                               ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib",
-                                "pad_fraction", "eval_loss", "oom"]), flush=True)
+            print(
+                common.table(
+                    [x for x in results if x["size"] == size and x["quantization"] == quant],
+                    [
+                        "size",
+                        "quantization",
+                        "setup",
+                        "tokens_per_s",
+                        "x_vs_b",
+                        "mfu",
+                        "peak_gib",
+                        "pad_fraction",
+                        "eval_loss",
+                        "oom",
+                    ],
+                ),
+                flush=True,
+            )
     print(f"\nGPU {name}, dense bf16 peak {peak} TFLOP/s; MFU = tokens/s * 4 * N_linear / peak")
     print(common.table(results, ["size", "quantization", "setup", "tokens_per_s", "x_vs_b", "mfu", "peak_gib", "oom"]))
-    common.write_result("gpu", {"machine": info, "smoke": a.smoke, "gpu": name, "peak_tflops": peak,
-                                "mfu_formula": "tokens_per_s * 4 * N_linear / peak_dense_bf16", "results": results},
-                        a.out)
+    common.write_result(
+        "gpu",
+        {
+            "machine": info,
+            "smoke": a.smoke,
+            "gpu": name,
+            "peak_tflops": peak,
+            "mfu_formula": "tokens_per_s * 4 * N_linear / peak_dense_bf16",
+            "results": results,
+        },
+        a.out,
+    )
     return 0
 
 
@@ -203,36 +274,76 @@ def scaling(a, info: dict) -> int:
                 subprocess.run(["rm", "-rf", str(job_dir)], check=True)
                 job_dir.mkdir(parents=True)
                 common.write_jsonl(job_dir / "train.jsonl", rows)
-                job = {"model": {"base_model": str(model_dir), "quantization": quant},
-                       "data": {"train_path": "train.jsonl", "data_format": "prompt_completion"},
-                       "training": {"max_steps": 5 if a.smoke else a.steps, "per_device_train_batch_size": a.batch_size,
-                                    "max_seq_length": a.max_seq_length, "save_steps": 10_000, "num_processes": procs,
-                                    "gradient_checkpointing": not a.no_gradient_checkpointing},
-                       "evaluation": {"num_sample_generations": 0}}
+                job = {
+                    "model": {"base_model": str(model_dir), "quantization": quant},
+                    "data": {"train_path": "train.jsonl", "data_format": "prompt_completion"},
+                    "training": {
+                        "max_steps": 5 if a.smoke else a.steps,
+                        "per_device_train_batch_size": a.batch_size,
+                        "max_seq_length": a.max_seq_length,
+                        "save_steps": 10_000,
+                        "num_processes": procs,
+                        "gradient_checkpointing": not a.no_gradient_checkpointing,
+                    },
+                    "evaluation": {"num_sample_generations": 0},
+                }
                 (job_dir / "job.json").write_text(json.dumps(job))
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(procs)))}
-                proc = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_dir / "job.json")],
-                                      env=env, capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "loraflow_trainer", "--job", str(job_dir / "job.json")],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     results.append({"size": size, "quantization": quant, "gpus": procs, "failed": proc.returncode})
                     continue
                 m = json.loads((job_dir / "output" / "metrics.json").read_text())
-                results.append({"size": size, "quantization": quant, "gpus": procs,
-                                "tokens_per_s": m["tokens_per_second"],
-                                "tokens_per_s_per_gpu": m["tokens_per_second_per_device"],
-                                "effective_batch": m["effective_batch_size"], "peak_gib": m["peak_memory_mb"] / 1024})
-            one = next((x for x in results
-                        if (x["size"], x["quantization"], x["gpus"]) == (size, quant, 1) and "tokens_per_s" in x), None)
+                results.append(
+                    {
+                        "size": size,
+                        "quantization": quant,
+                        "gpus": procs,
+                        "tokens_per_s": m["tokens_per_second"],
+                        "tokens_per_s_per_gpu": m["tokens_per_second_per_device"],
+                        "effective_batch": m["effective_batch_size"],
+                        "peak_gib": m["peak_memory_mb"] / 1024,
+                    }
+                )
+            one = next(
+                (
+                    x
+                    for x in results
+                    if (x["size"], x["quantization"], x["gpus"]) == (size, quant, 1) and "tokens_per_s" in x
+                ),
+                None,
+            )
             for x in results:
                 if (x["size"], x["quantization"]) == (size, quant) and one and "tokens_per_s" in x:
                     x["ratio_vs_1"] = x["tokens_per_s"] / one["tokens_per_s"]
                     x["efficiency"] = x["ratio_vs_1"] / x["gpus"]
     name = torch.cuda.get_device_name(0)
-    print(f"\nloraflow-train data-parallel scaling on {n} x {name} "
-          f"(per-device batch {a.batch_size}, seq {a.max_seq_length})")
-    print(common.table(results, ["size", "quantization", "gpus", "tokens_per_s", "tokens_per_s_per_gpu", "ratio_vs_1",
-                                 "efficiency", "effective_batch", "peak_gib"]))
+    print(
+        f"\nloraflow-train data-parallel scaling on {n} x {name} "
+        f"(per-device batch {a.batch_size}, seq {a.max_seq_length})"
+    )
+    print(
+        common.table(
+            results,
+            [
+                "size",
+                "quantization",
+                "gpus",
+                "tokens_per_s",
+                "tokens_per_s_per_gpu",
+                "ratio_vs_1",
+                "efficiency",
+                "effective_batch",
+                "peak_gib",
+            ],
+        )
+    )
     common.write_result("gpu_scaling", {"machine": info, "gpu": name, "gpus": n, "results": results}, a.out)
     return 0
 

@@ -21,8 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-CONFIGS = [("hf_padding", "none"), ("loraflow", "none"), ("loraflow_packing", "none"),
-           ("hf_padding", "4bit"), ("loraflow", "4bit"), ("loraflow_packing", "4bit")]
+CONFIGS = [
+    ("hf_padding", "none"),
+    ("loraflow", "none"),
+    ("loraflow_packing", "none"),
+    ("hf_padding", "4bit"),
+    ("loraflow", "4bit"),
+    ("loraflow_packing", "4bit"),
+]
 MARK = "BENCH_MEMORY_RESULT="
 
 
@@ -30,17 +36,25 @@ def child(setup: str, quant: str, a) -> None:
     import runners
 
     runners.quiet_libraries()
+    import peft  # noqa: F401
     import torch  # noqa: F401  (imported before the baseline reading: every setup needs it)
     import transformers  # noqa: F401
-    import peft  # noqa: F401
 
     rss_imports = common.current_rss_mb()
     model_dir = common.bench_model(hidden=a.hidden, layers=a.layers, vocab=512 if a.smoke else 2048)
     rows = common.prompt_completion_rows(a.rows, seed=7)
     train_path = common.write_jsonl(common.CACHE / f"memory-{a.rows}.jsonl", rows)
-    w = runners.Workload(model_dir=model_dir, train_path=train_path, eval_rows=[], batch_size=a.batch_size,
-                         max_seq_length=a.max_seq_length, token_budget=10**12, quantization=quant,
-                         max_steps=a.steps, mean_tokens=1.0)
+    w = runners.Workload(
+        model_dir=model_dir,
+        train_path=train_path,
+        eval_rows=[],
+        batch_size=a.batch_size,
+        max_seq_length=a.max_seq_length,
+        token_budget=10**12,
+        quantization=quant,
+        max_steps=a.steps,
+        mean_tokens=1.0,
+    )
     res = runners.run(setup, w, evaluate=False)
     res.update(quantization=quant, rss_after_imports_mb=rss_imports, peak_rss_mb=common.peak_rss_mb())
     res["train_rss_mb"] = res["peak_rss_mb"] - rss_imports
@@ -73,38 +87,78 @@ def main(argv: list[str] | None = None) -> int:
     # Build the shared model once here, not racing in the children.
     common.bench_model(hidden=a.hidden, layers=a.layers, vocab=512 if a.smoke else 2048)
     info = common.machine()
-    passthrough = ["--steps", str(a.steps), "--rows", str(a.rows), "--batch-size", str(a.batch_size),
-                   "--max-seq-length", str(a.max_seq_length), "--hidden", str(a.hidden), "--layers", str(a.layers)]
+    passthrough = [
+        "--steps",
+        str(a.steps),
+        "--rows",
+        str(a.rows),
+        "--batch-size",
+        str(a.batch_size),
+        "--max-seq-length",
+        str(a.max_seq_length),
+        "--hidden",
+        str(a.hidden),
+        "--layers",
+        str(a.layers),
+    ]
     results = []
     for setup, quant in configs:
-        proc = subprocess.run([sys.executable, __file__, "--child", f"{setup}:{quant}", *passthrough]
-                              + (["--smoke"] if a.smoke else []), text=True, capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", f"{setup}:{quant}", *passthrough] + (["--smoke"] if a.smoke else []),
+            text=True,
+            capture_output=True,
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"memory child {setup}:{quant} failed with exit {proc.returncode}")
-        res = json.loads(line[len(MARK):])
+        res = json.loads(line[len(MARK) :])
         res["load_average"] = common.load_average()
         results.append(res)
-        print(f"  {setup:<18} {quant:<5} peak RSS {res['peak_rss_mb']:8.0f} MB  (training part {res['train_rss_mb']:6.0f} MB)", flush=True)
+        print(
+            f"  {setup:<18} {quant:<5} peak RSS {res['peak_rss_mb']:8.0f} MB  (training part {res['train_rss_mb']:6.0f} MB)",
+            flush=True,
+        )
 
     base = {r["quantization"]: r for r in results if r["setup"] == "hf_padding"}
     key = "peak_cuda_mb" if results and results[0].get("peak_cuda_mb") else "train_rss_mb"
     for r in results:
         b = base.get(r["quantization"])
         r["x_vs_b"] = r[key] / b[key] if b and b.get(key) else None
-    cols = ["setup", "quantization", "peak_rss_mb", "rss_after_imports_mb", "train_rss_mb", "peak_cuda_mb", "x_vs_b",
-            "padded_tokens", "tokens", "steps"]
+    cols = [
+        "setup",
+        "quantization",
+        "peak_rss_mb",
+        "rss_after_imports_mb",
+        "train_rss_mb",
+        "peak_cuda_mb",
+        "x_vs_b",
+        "padded_tokens",
+        "tokens",
+        "steps",
+    ]
     print()
     print(common.table(results, cols))
     print(f"(x_vs_b compares {key})")
     info["load_average_end"] = common.load_average()
-    common.write_result("memory", {
-        "machine": info, "smoke": a.smoke, "compared": key,
-        "workload": {"steps": a.steps, "rows": a.rows, "batch_size": a.batch_size, "max_seq_length": a.max_seq_length,
-                     "hidden": a.hidden, "layers": a.layers},
-        "results": results,
-    }, a.out)
+    common.write_result(
+        "memory",
+        {
+            "machine": info,
+            "smoke": a.smoke,
+            "compared": key,
+            "workload": {
+                "steps": a.steps,
+                "rows": a.rows,
+                "batch_size": a.batch_size,
+                "max_seq_length": a.max_seq_length,
+                "hidden": a.hidden,
+                "layers": a.layers,
+            },
+            "results": results,
+        },
+        a.out,
+    )
     return 0
 
 

@@ -45,23 +45,40 @@ def docker_image_present() -> bool:
 def _db_times(db: Path, run_id: str) -> tuple[float | None, dict[str, float]]:
     con = sqlite3.connect(db)
     try:
+
         def seconds(a, b):
             from datetime import datetime
 
-            return (datetime.fromisoformat(str(b)) - datetime.fromisoformat(str(a))).total_seconds() if a and b else None
+            return (
+                (datetime.fromisoformat(str(b)) - datetime.fromisoformat(str(a))).total_seconds() if a and b else None
+            )
 
-        start, end = con.execute("select start_date, end_date from dag_run where dag_id=? and run_id=?", (DAG_ID, run_id)).fetchone()
-        tasks = {t: seconds(s, e) for t, s, e in con.execute(
-            "select task_id, start_date, end_date from task_instance where dag_id=? and run_id=? order by start_date", (DAG_ID, run_id))}
+        start, end = con.execute(
+            "select start_date, end_date from dag_run where dag_id=? and run_id=?", (DAG_ID, run_id)
+        ).fetchone()
+        tasks = {
+            t: seconds(s, e)
+            for t, s, e in con.execute(
+                "select task_id, start_date, end_date from task_instance where dag_id=? and run_id=? order by start_date",
+                (DAG_ID, run_id),
+            )
+        }
         return seconds(start, end), tasks
     finally:
         con.close()
 
 
 def run_once(stack, runtime: str, max_steps: int, model_dir: Path) -> dict:
-    conf = {"dataset_path": str(SAMPLE), "data_format": "chat", "base_model": str(model_dir),
-            "registered_model_name": f"bench-overhead-{runtime}", "runtime": runtime, "max_steps": max_steps,
-            "learning_rate": 3e-3, "max_seq_length": 128}
+    conf = {
+        "dataset_path": str(SAMPLE),
+        "data_format": "chat",
+        "base_model": str(model_dir),
+        "registered_model_name": f"bench-overhead-{runtime}",
+        "runtime": runtime,
+        "max_steps": max_steps,
+        "learning_rate": 3e-3,
+        "max_seq_length": 128,
+    }
     if runtime == "docker":
         conf["gpus"] = "none"
     before = set((stack.home / "runs" / DAG_ID).glob("*")) if (stack.home / "runs" / DAG_ID).exists() else set()
@@ -79,16 +96,24 @@ def run_once(stack, runtime: str, max_steps: int, model_dir: Path) -> dict:
     run_id = json.loads((ws / "pipeline.json").read_text())["run_id"] if (ws / "pipeline.json").exists() else None
     if run_id is None:
         con = sqlite3.connect(stack.airflow_home / "airflow.db")
-        run_id = con.execute("select run_id from dag_run where dag_id=? order by start_date desc limit 1", (DAG_ID,)).fetchone()[0]
+        run_id = con.execute(
+            "select run_id from dag_run where dag_id=? order by start_date desc limit 1", (DAG_ID,)
+        ).fetchone()[0]
         con.close()
     dagrun_s, tasks = _db_times(stack.airflow_home / "airflow.db", run_id)
     train_s = float(metrics["train_runtime_s"])
     return {
-        "runtime": runtime, "state": state, "max_steps": max_steps, "wall_s": wall, "dagrun_s": dagrun_s,
-        "train_runtime_s": train_s, "overhead_s": wall - train_s,
+        "runtime": runtime,
+        "state": state,
+        "max_steps": max_steps,
+        "wall_s": wall,
+        "dagrun_s": dagrun_s,
+        "train_runtime_s": train_s,
+        "overhead_s": wall - train_s,
         "overhead_in_dagrun_s": (dagrun_s - train_s) if dagrun_s else None,
         "train_task_minus_training_s": (tasks.get("train") or 0) - train_s,
-        "tasks_s": tasks, "load_average": common.load_average(),
+        "tasks_s": tasks,
+        "load_average": common.load_average(),
     }
 
 
@@ -126,19 +151,32 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             res = run_once(stack, runtime, a.max_steps, model_dir)
             results.append(res)
-            print(f"  {runtime:<7} wall {res['wall_s']:.1f}s  training {res['train_runtime_s']:.1f}s  "
-                  f"overhead {res['overhead_s']:.1f}s  tasks {json.dumps({k: round(v or 0, 1) for k, v in res['tasks_s'].items()})}",
-                  flush=True)
+            print(
+                f"  {runtime:<7} wall {res['wall_s']:.1f}s  training {res['train_runtime_s']:.1f}s  "
+                f"overhead {res['overhead_s']:.1f}s  tasks {json.dumps({k: round(v or 0, 1) for k, v in res['tasks_s'].items()})}",
+                flush=True,
+            )
     finally:
         stack.stop_all()
         shutil.rmtree(home, ignore_errors=True)
-    cols = ["runtime", "max_steps", "wall_s", "dagrun_s", "train_runtime_s", "overhead_s", "overhead_in_dagrun_s",
-            "train_task_minus_training_s"]
+    cols = [
+        "runtime",
+        "max_steps",
+        "wall_s",
+        "dagrun_s",
+        "train_runtime_s",
+        "overhead_s",
+        "overhead_in_dagrun_s",
+        "train_task_minus_training_s",
+    ]
     print()
     print(common.table(results, cols))
     info["load_average_end"] = common.load_average()
-    common.write_result("pipeline_overhead", {"machine": info, "smoke": a.smoke, "goal": {"overhead_s_local": 20},
-                                              "results": results, "skipped": skipped}, a.out)
+    common.write_result(
+        "pipeline_overhead",
+        {"machine": info, "smoke": a.smoke, "goal": {"overhead_s_local": 20}, "results": results, "skipped": skipped},
+        a.out,
+    )
     return 0
 
 

@@ -168,8 +168,14 @@ def eval_loss(model, tokenizer, rows: list[dict[str, str]], max_len: int) -> flo
 def _lora_config(w: Workload):
     from peft import LoraConfig
 
-    return LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout, target_modules="all-linear",
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=w.lora_r,
+        lora_alpha=w.lora_alpha,
+        lora_dropout=w.lora_dropout,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _load_hf_model(w: Workload):
@@ -183,7 +189,8 @@ def _load_hf_model(w: Workload):
     kwargs: dict[str, Any] = {"dtype": dtype}
     if w.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
         kwargs["device_map"] = {"": 0 if _device() == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(w.model_dir, **kwargs)
     if w.quantization == "none":
@@ -196,8 +203,11 @@ def _prepare_kbit(model, w: Workload):
     from peft import prepare_model_for_kbit_training
 
     if w.quantization != "none":
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=w.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=w.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if w.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -207,28 +217,53 @@ def _prepare_kbit(model, w: Workload):
 def _common_args(w: Workload, out: str) -> dict[str, Any]:
     dev = _device()
     return dict(
-        output_dir=out, per_device_train_batch_size=w.batch_size, learning_rate=w.learning_rate,
-        lr_scheduler_type="constant", max_steps=w.max_steps, logging_steps=1, save_strategy="no", report_to=[],
-        seed=w.seed, data_seed=w.seed, disable_tqdm=True, use_cpu=dev == "cpu", bf16=w.bf16,
+        output_dir=out,
+        per_device_train_batch_size=w.batch_size,
+        learning_rate=w.learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=w.max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=w.seed,
+        data_seed=w.seed,
+        disable_tqdm=True,
+        use_cpu=dev == "cpu",
+        bf16=w.bf16,
         optim="paged_adamw_32bit" if (dev == "cuda" and w.quantization != "none") else "adamw_torch",
-        dataloader_num_workers=0, weight_decay=0.0, max_grad_norm=1.0,
+        dataloader_num_workers=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
     )
 
 
 # -- setups --------------------------------------------------------------------------------------
 
+
 def build_loraflow(w: Workload, tmp: Path, packing: bool):
     from loraflow_trainer import launch, recipe, spec
 
     body = {
-        "model": {"base_model": str(w.model_dir), "quantization": w.quantization,
-                  "torch_dtype": "bfloat16" if w.bf16 else "float32"},
+        "model": {
+            "base_model": str(w.model_dir),
+            "quantization": w.quantization,
+            "torch_dtype": "bfloat16" if w.bf16 else "float32",
+        },
         "data": {"train_path": str(w.train_path), "data_format": "prompt_completion"},
         "lora": {"lora_r": w.lora_r, "lora_alpha": w.lora_alpha, "lora_dropout": w.lora_dropout},
-        "training": {"per_device_train_batch_size": w.batch_size, "learning_rate": w.learning_rate,
-                     "lr_scheduler_type": "constant", "max_steps": w.max_steps, "max_seq_length": w.max_seq_length,
-                     "packing": packing, "loss_on": "completion", "seed": w.seed, "logging_steps": 1,
-                     "save_steps": 10**9, "gradient_checkpointing": w.gradient_checkpointing},
+        "training": {
+            "per_device_train_batch_size": w.batch_size,
+            "learning_rate": w.learning_rate,
+            "lr_scheduler_type": "constant",
+            "max_steps": w.max_steps,
+            "max_seq_length": w.max_seq_length,
+            "packing": packing,
+            "loss_on": "completion",
+            "seed": w.seed,
+            "logging_steps": 1,
+            "save_steps": 10**9,
+            "gradient_checkpointing": w.gradient_checkpointing,
+        },
         "evaluation": {"num_sample_generations": 0},
         "output_dir": str(tmp / "output"),
     }
@@ -249,14 +284,23 @@ def build_hf_padding(w: Workload, tmp: Path):
     def encode(batch):
         rows = [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
         enc = tokenize_pc(tok, rows, w.max_seq_length)
-        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc],
-                "attention_mask": [[1] * len(e["input_ids"]) for e in enc]}
+        return {
+            "input_ids": [e["input_ids"] for e in enc],
+            "labels": [e["labels"] for e in enc],
+            "attention_mask": [[1] * len(e["input_ids"]) for e in enc],
+        }
 
     ds = raw.map(encode, batched=True, remove_columns=raw.column_names)
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                      pad_to_multiple_of=8 if _device() == "cuda" else None)
-    trainer = Trainer(model=model, args=TrainingArguments(**_common_args(w, str(tmp / "hf"))), train_dataset=ds,
-                      data_collator=collator, processing_class=tok)
+    collator = DataCollatorForSeq2Seq(
+        tok, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8 if _device() == "cuda" else None
+    )
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**_common_args(w, str(tmp / "hf"))),
+        train_dataset=ds,
+        data_collator=collator,
+        processing_class=tok,
+    )
     return trainer, tok, None
 
 
@@ -269,8 +313,11 @@ def build_trl(w: Workload, tmp: Path, mode: str):
     model = _prepare_kbit(model, w) if w.quantization != "none" else model
     ds = datasets.load_dataset("json", data_files=str(w.train_path), split="train")
     args = _common_args(w, str(tmp / "trl"))
-    extra: dict[str, Any] = {"max_length": w.max_seq_length, "completion_only_loss": True,
-                             "gradient_checkpointing": w.gradient_checkpointing}
+    extra: dict[str, Any] = {
+        "max_length": w.max_seq_length,
+        "completion_only_loss": True,
+        "gradient_checkpointing": w.gradient_checkpointing,
+    }
     if mode == "packing":
         # Packed rows hold ~max_length tokens each: fewer rows per step keep the tokens per step equal.
         extra["packing"] = True
@@ -305,8 +352,10 @@ def run(setup: str, w: Workload, quiet: bool = True, evaluate: bool = True) -> d
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sink = io.StringIO()
-    with tempfile.TemporaryDirectory(prefix=f"bench-{setup}-") as tmpdir, \
-            (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+    with (
+        tempfile.TemporaryDirectory(prefix=f"bench-{setup}-") as tmpdir,
+        contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(),
+    ):
         trainer, tok, teardown = SETUPS[setup](w, Path(tmpdir))
         trainer.remove_callback(PrinterCallback)
         meter = Meter(w.token_budget)
@@ -333,7 +382,7 @@ def summarise(setup: str, w: Workload, m: Meter, setup_s: float, loss: float, pe
     # waiting for a core, so they compare setups more steadily than wall time (1 thread: no spin-waits).
     c1, cn = m.cpu[0], m.cpu[-1]
     cpu_rate = (kn - k1) / (cn - c1) if len(m.cpu) > 1 and cn > c1 else kn / max(cn, 1e-9)
-    tail = m.losses[-max(1, len(m.losses) // 5):] if m.losses else []
+    tail = m.losses[-max(1, len(m.losses) // 5) :] if m.losses else []
     return {
         "setup": setup,
         "steps": len(m.steps),
@@ -344,8 +393,9 @@ def summarise(setup: str, w: Workload, m: Meter, setup_s: float, loss: float, pe
         "tokens_per_s": rate,
         "time_to_budget_s": reach,
         "tokens_per_cpu_s": cpu_rate,
-        "cpu_s_to_budget": next((c for c, (_t, k) in zip(m.cpu, m.steps, strict=True) if k >= w.token_budget),
-                                m.cpu[-1]),
+        "cpu_s_to_budget": next(
+            (c for c, (_t, k) in zip(m.cpu, m.steps, strict=True) if k >= w.token_budget), m.cpu[-1]
+        ),
         "setup_s": setup_s,
         "train_loss_last20pct": sum(tail) / len(tail) if tail else float("nan"),
         "first_loss": m.losses[0] if m.losses else float("nan"),

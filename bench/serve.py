@@ -40,8 +40,16 @@ from loraflow_devstack import wait_http  # noqa: E402
 
 SAMPLE = common.REPO / "examples" / "data" / "sample_chat.jsonl"
 NAME = "bench-serve"
-PROMPTS = ["What is 3 plus 4?", "What is the capital of France?", "Name a colour.", "Say hello.",
-           "What is 7 plus 5?", "Who wrote Hamlet?", "What day comes after Monday?", "What is 2 plus 2?"]
+PROMPTS = [
+    "What is 3 plus 4?",
+    "What is the capital of France?",
+    "Name a colour.",
+    "Say hello.",
+    "What is 7 plus 5?",
+    "Who wrote Hamlet?",
+    "What day comes after Monday?",
+    "What is 2 plus 2?",
+]
 
 
 def post(url: str, body: dict, timeout: float = 300) -> tuple[float, dict]:
@@ -62,17 +70,26 @@ class Target:
 
 
 def loraflow_target(port: int) -> Target:
-    return Target("loraflow models serve", f"http://127.0.0.1:{port}/v1/completions",
-                  lambda p, n: {"prompt": p, "max_tokens": n, "temperature": 0}, lambda out: out["choices"][0]["text"])
+    return Target(
+        "loraflow models serve",
+        f"http://127.0.0.1:{port}/v1/completions",
+        lambda p, n: {"prompt": p, "max_tokens": n, "temperature": 0},
+        lambda out: out["choices"][0]["text"],
+    )
 
 
 def mlflow_target(port: int) -> Target:
-    return Target("mlflow models serve", f"http://127.0.0.1:{port}/invocations",
-                  lambda p, n: {"inputs": [p], "params": {"max_new_tokens": n, "do_sample": False}},
-                  lambda out: out["predictions"][0])
+    return Target(
+        "mlflow models serve",
+        f"http://127.0.0.1:{port}/invocations",
+        lambda p, n: {"inputs": [p], "params": {"max_new_tokens": n, "do_sample": False}},
+        lambda out: out["predictions"][0],
+    )
 
 
-def measure(target: Target, prompts: list[str], concurrency: int, max_new_tokens: int) -> tuple[list[float], float, list[str]]:
+def measure(
+    target: Target, prompts: list[str], concurrency: int, max_new_tokens: int
+) -> tuple[list[float], float, list[str]]:
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda p: target.one(p, max_new_tokens), prompts))
@@ -90,16 +107,39 @@ def train_and_register(stack, home: Path, steps: int) -> str:
 
     ws = home / "ws"
     ws.mkdir()
-    (ws / "job.json").write_text(json.dumps({
-        "model": {"base_model": str(stack.ensure_tiny_model(corpus=SAMPLE))},
-        "data": {"train_path": str(SAMPLE), "eval_path": str(SAMPLE), "data_format": "chat"},
-        "training": {"max_steps": steps, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "max_seq_length": 128,
-                     "save_steps": 1000},
-        "evaluation": {"num_sample_generations": 0}, "output_dir": "output"}))
-    subprocess.run([str(Path(sys.executable).parent / "loraflow-train"), "--job", str(ws / "job.json")], check=True,
-                   env={**os.environ, **stack.env()}, stdout=subprocess.DEVNULL)
-    return registry.register(stack.mlflow_uri, name=NAME, run_key=f"bench/{NAME}", workspace=ws, params={}, tags={},
-                             gate_metric="eval_loss", dataset_source=str(SAMPLE)).version
+    (ws / "job.json").write_text(
+        json.dumps(
+            {
+                "model": {"base_model": str(stack.ensure_tiny_model(corpus=SAMPLE))},
+                "data": {"train_path": str(SAMPLE), "eval_path": str(SAMPLE), "data_format": "chat"},
+                "training": {
+                    "max_steps": steps,
+                    "learning_rate": 1e-2,
+                    "per_device_train_batch_size": 8,
+                    "max_seq_length": 128,
+                    "save_steps": 1000,
+                },
+                "evaluation": {"num_sample_generations": 0},
+                "output_dir": "output",
+            }
+        )
+    )
+    subprocess.run(
+        [str(Path(sys.executable).parent / "loraflow-train"), "--job", str(ws / "job.json")],
+        check=True,
+        env={**os.environ, **stack.env()},
+        stdout=subprocess.DEVNULL,
+    )
+    return registry.register(
+        stack.mlflow_uri,
+        name=NAME,
+        run_key=f"bench/{NAME}",
+        workspace=ws,
+        params={},
+        tags={},
+        gate_metric="eval_loss",
+        dataset_source=str(SAMPLE),
+    ).version
 
 
 def main() -> None:
@@ -121,16 +161,47 @@ def main() -> None:
     try:
         stack.start_mlflow(timeout=600)  # minutes on a loaded machine
         version = train_and_register(stack, home, 2 if args.smoke else 8)
-        env = {**os.environ, **stack.env(), "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        env = {
+            **os.environ,
+            **stack.env(),
+            "TOKENIZERS_PARALLELISM": "false",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
         lf_port, ml_port = free_port(), free_port()
         ref = f"{NAME}@champion"
         lf_log, ml_log = home / "loraflow-serve.log", home / "mlflow-serve.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "loraflow.cli", "models", "serve", ref, "--port", str(lf_port)],
-                                      env=env, stdout=lf_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{ref}",
-                                       "--env-manager", "local", "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
-                                      env={**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"},
-                                      stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "loraflow.cli", "models", "serve", ref, "--port", str(lf_port)],
+                env=env,
+                stdout=lf_log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "mlflow"),
+                    "models",
+                    "serve",
+                    "-m",
+                    f"models:/{ref}",
+                    "--env-manager",
+                    "local",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ml_port),
+                    "--workers",
+                    "1",
+                ],
+                env={**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"},
+                stdout=ml_log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         wait_http(f"http://127.0.0.1:{lf_port}/ready", 600, procs[0], lf_log)
         wait_http(f"http://127.0.0.1:{ml_port}/ping", 600, procs[1], ml_log)
         targets = [loraflow_target(lf_port), mlflow_target(ml_port)]
@@ -149,20 +220,39 @@ def main() -> None:
                     row["wall"] += wall
                     row["n"] += len(lat)
                     same.setdefault(t.label, texts)
-        results = [{"server": label, "concurrency": c, "requests": r["n"], "requests_per_s": r["n"] / r["wall"],
-                    "p50_ms": 1000 * statistics.median(r["latencies"]), "p95_ms": 1000 * pct(r["latencies"], 0.95)}
-                   for (label, c), r in rows.items()]
+        results = [
+            {
+                "server": label,
+                "concurrency": c,
+                "requests": r["n"],
+                "requests_per_s": r["n"] / r["wall"],
+                "p50_ms": 1000 * statistics.median(r["latencies"]),
+                "p95_ms": 1000 * pct(r["latencies"], 0.95),
+            }
+            for (label, c), r in rows.items()
+        ]
         texts = list(same.values())
         differ = [{"prompt": p, **dict(zip(same, pair))} for p, *pair in zip(prompts, *texts) if pair[0] != pair[1]]
-        report = {"version": f"{NAME}/{version}", "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                  "same_completions": not differ, "differing": differ[:3], "load_average_at_start": os.getloadavg()[0],
-                  "machine": common.machine(), "results": results}
+        report = {
+            "version": f"{NAME}/{version}",
+            "max_new_tokens": args.max_new_tokens,
+            "rounds": args.rounds,
+            "same_completions": not differ,
+            "differing": differ[:3],
+            "load_average_at_start": os.getloadavg()[0],
+            "machine": common.machine(),
+            "results": results,
+        }
         common.RESULTS.mkdir(parents=True, exist_ok=True)
         (common.RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
         print("| server | clients | requests | requests/s | p50 ms | p95 ms |\n|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
-        print(f"same completions from both: {len(prompts) - len(differ)}/{len(prompts)}; load average at start {report['load_average_at_start']:.1f}")
+            print(
+                f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
+            )
+        print(
+            f"same completions from both: {len(prompts) - len(differ)}/{len(prompts)}; load average at start {report['load_average_at_start']:.1f}"
+        )
         for d in differ[:3]:
             print(f"  differs: {json.dumps(d, ensure_ascii=False)}")
     finally:

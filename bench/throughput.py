@@ -55,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = common.prompt_completion_rows(a.rows + 64, seed=7)
     train_path = common.write_jsonl(common.CACHE / f"throughput-{a.rows}.jsonl", rows[: a.rows])
     w = runners.Workload(
-        model_dir=model_dir, train_path=train_path, eval_rows=rows[a.rows:a.rows + (4 if a.smoke else 64)],
-        batch_size=a.batch_size, max_seq_length=a.max_seq_length, token_budget=a.tokens, learning_rate=a.lr,
+        model_dir=model_dir,
+        train_path=train_path,
+        eval_rows=rows[a.rows : a.rows + (4 if a.smoke else 64)],
+        batch_size=a.batch_size,
+        max_seq_length=a.max_seq_length,
+        token_budget=a.tokens,
+        learning_rate=a.lr,
         mean_tokens=runners.mean_tokens(model_dir, rows[: a.rows], a.max_seq_length),
     )
     info = common.machine()
     info["torch_threads"] = __import__("torch").get_num_threads()
-    print(f"model {model_dir.name}, {a.rows} rows (mean {w.mean_tokens:.0f} tokens), batch {w.batch_size} examples, "
-          f"budget {w.token_budget} tokens, {a.rounds} round(s), load {info['load_average_start']}", flush=True)
+    print(
+        f"model {model_dir.name}, {a.rows} rows (mean {w.mean_tokens:.0f} tokens), batch {w.batch_size} examples, "
+        f"budget {w.token_budget} tokens, {a.rounds} round(s), load {info['load_average_start']}",
+        flush=True,
+    )
 
     runs: list[dict] = []
     for r in range(a.rounds):
@@ -71,30 +79,71 @@ def main(argv: list[str] | None = None) -> int:
             res["round"] = r
             res["load_average"] = common.load_average()
             runs.append(res)
-            print(f"  round {r} {s:<18} {res['tokens_per_s']:8.0f} tok/s wall  {res['tokens_per_cpu_s']:8.0f} tok/cpu-s  {res['steps']:3d} steps  "
-                  f"pad {res['pad_fraction']:.0%}  eval_loss {res['eval_loss']:.3f}  load {res['load_average'][0]}", flush=True)
+            print(
+                f"  round {r} {s:<18} {res['tokens_per_s']:8.0f} tok/s wall  {res['tokens_per_cpu_s']:8.0f} tok/cpu-s  {res['steps']:3d} steps  "
+                f"pad {res['pad_fraction']:.0%}  eval_loss {res['eval_loss']:.3f}  load {res['load_average'][0]}",
+                flush=True,
+            )
 
     summary = []
-    base_rate = statistics.median(r["tokens_per_s"] for r in runs if r["setup"] == BASELINE) if BASELINE in a.setups else None
-    base_cpu = statistics.median(r["tokens_per_cpu_s"] for r in runs if r["setup"] == BASELINE) if BASELINE in a.setups else None
+    base_rate = (
+        statistics.median(r["tokens_per_s"] for r in runs if r["setup"] == BASELINE) if BASELINE in a.setups else None
+    )
+    base_cpu = (
+        statistics.median(r["tokens_per_cpu_s"] for r in runs if r["setup"] == BASELINE)
+        if BASELINE in a.setups
+        else None
+    )
     for s in a.setups:
         mine = [r for r in runs if r["setup"] == s]
-        row = {k: statistics.median(r[k] for r in mine) for k in
-               ("tokens_per_s", "time_to_budget_s", "tokens_per_cpu_s", "cpu_s_to_budget", "pad_fraction", "steps", "setup_s", "train_loss_last20pct", "eval_loss")}
+        row = {
+            k: statistics.median(r[k] for r in mine)
+            for k in (
+                "tokens_per_s",
+                "time_to_budget_s",
+                "tokens_per_cpu_s",
+                "cpu_s_to_budget",
+                "pad_fraction",
+                "steps",
+                "setup_s",
+                "train_loss_last20pct",
+                "eval_loss",
+            )
+        }
         row["setup"] = s
         row["x_vs_b"] = row["tokens_per_s"] / base_rate if base_rate else None
         row["cpu_x_vs_b"] = row["tokens_per_cpu_s"] / base_cpu if base_cpu else None
         summary.append(row)
-    cols = ["setup", "tokens_per_cpu_s", "cpu_x_vs_b", "cpu_s_to_budget", "tokens_per_s", "x_vs_b", "time_to_budget_s", "steps", "pad_fraction", "setup_s",
-            "train_loss_last20pct", "eval_loss"]
+    cols = [
+        "setup",
+        "tokens_per_cpu_s",
+        "cpu_x_vs_b",
+        "cpu_s_to_budget",
+        "tokens_per_s",
+        "x_vs_b",
+        "time_to_budget_s",
+        "steps",
+        "pad_fraction",
+        "setup_s",
+        "train_loss_last20pct",
+        "eval_loss",
+    ]
     print()
     print(common.table(summary, cols))
     info["load_average_end"] = common.load_average()
-    common.write_result("throughput", {
-        "machine": info, "smoke": a.smoke,
-        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in w.__dict__.items() if k != "eval_rows"},
-        "eval_rows": len(w.eval_rows), "baseline": BASELINE, "summary": summary, "runs": runs,
-    }, a.out)
+    common.write_result(
+        "throughput",
+        {
+            "machine": info,
+            "smoke": a.smoke,
+            "workload": {k: str(v) if isinstance(v, Path) else v for k, v in w.__dict__.items() if k != "eval_rows"},
+            "eval_rows": len(w.eval_rows),
+            "baseline": BASELINE,
+            "summary": summary,
+            "runs": runs,
+        },
+        a.out,
+    )
     return 0
 
 

@@ -41,13 +41,23 @@ with DAG(
     def preprocess(ws: str) -> dict:
         return tasks.preprocess(ws)
 
-    @task.short_circuit(task_id="skip_if_registered", ignore_downstream_trigger_rules=False,
-                        retries=3, retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0)
+    @task.short_circuit(
+        task_id="skip_if_registered",
+        ignore_downstream_trigger_rules=False,
+        retries=3,
+        retry_delay=timedelta(seconds=10),
+        retry_exponential_backoff=2.0,
+    )
     def skip_if_registered(ws: str) -> bool:
         return tasks.should_train(ws)
 
-    @task(task_id="register", retries=5, retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0,
-          max_retry_delay=timedelta(minutes=10))
+    @task(
+        task_id="register",
+        retries=5,
+        retry_delay=timedelta(seconds=10),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=timedelta(minutes=10),
+    )
     def register(ws: str, train_result: dict | None, **context) -> dict:
         return tasks.register(ws, train_result, context)
 

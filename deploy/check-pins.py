@@ -36,7 +36,9 @@ for dist in distributions():
         drifted.append(f"{dist.metadata['Name']}=={dist.version} (pinned {pins[name]})")
 
 if unpinned or drifted:
-    sys.exit("loraflow: the image holds packages its constraints do not pin: "
-             + ", ".join(sorted(unpinned + drifted))
-             + "; pin them in deploy/constraints-stack.txt (its header says how to re-resolve).")
+    sys.exit(
+        "loraflow: the image holds packages its constraints do not pin: "
+        + ", ".join(sorted(unpinned + drifted))
+        + "; pin them in deploy/constraints-stack.txt (its header says how to re-resolve)."
+    )
 print(f"check-pins: all {sum(1 for _ in distributions())} installed distributions are pinned")

@@ -111,8 +111,11 @@ class LocalStack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     # Which variable moves which port: named in every conflict message.
-    PORT_VARIABLES = {"mlflow": "LORAFLOW_MLFLOW_PORT", "airflow-api-server": "LORAFLOW_AIRFLOW_PORT",
-                      "airflow-scheduler": "LORAFLOW_AIRFLOW_LOG_PORT"}
+    PORT_VARIABLES = {
+        "mlflow": "LORAFLOW_MLFLOW_PORT",
+        "airflow-api-server": "LORAFLOW_AIRFLOW_PORT",
+        "airflow-scheduler": "LORAFLOW_AIRFLOW_LOG_PORT",
+    }
 
     @property
     def mlflow_dir(self) -> Path:
@@ -184,11 +187,18 @@ class LocalStack:
         self._require_free("mlflow", self.mlflow_port)
         self.mlflow_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            _bin("mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination", str(self.mlflow_dir / "artifacts"),
-            "--host", self.bind, "--port", str(self.mlflow_port),
-            "--workers", "1",
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.mlflow_dir / "artifacts"),
+            "--host",
+            self.bind,
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
         ]
         self._spawn("mlflow", cmd, detach, self.mlflow_port)
         wait_http(f"{self.mlflow_uri}/health", timeout, self.procs.get("mlflow"), self._log("mlflow"))
@@ -200,7 +210,9 @@ class LocalStack:
         """Migrate the metadata DB and create the training pool (one slot per GPU)."""
         subprocess.run(
             [sys.executable, "-m", "airflow", "db", "migrate"],
-            env={**os.environ, **self.env()}, check=True, stdout=subprocess.DEVNULL,
+            env={**os.environ, **self.env()},
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         gpus.ensure_pool(self.env())
 
@@ -237,7 +249,10 @@ class LocalStack:
         )
         proc = subprocess.run(
             [sys.executable, "-c", code, str(self.repo / "dags"), dag_id, json.dumps(conf)],
-            env={**os.environ, **self.env()}, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env()},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         print(proc.stdout[-20000:], flush=True)
         for line in proc.stdout.splitlines():
@@ -301,12 +316,18 @@ class LocalStack:
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env()},
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env()},
                 start_new_session=detach,
             )
         self.procs[name] = proc
-        self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "started": _started(proc.pid), "port": port,
-                                                   "cmd": cmd, "home": str(self.home)}))
+        self._pidfile(name).write_text(
+            json.dumps(
+                {"pid": proc.pid, "started": _started(proc.pid), "port": port, "cmd": cmd, "home": str(self.home)}
+            )
+        )
 
     def stop_all(self) -> list[str]:
         """Stop the servers this home started (and only those); return what was done, truthfully."""

@@ -28,8 +28,11 @@ def main() -> None:
     data = list(rows())
     with (out / "sample_chat.jsonl").open("w") as f:
         for q, a in data:
-            msgs = [{"role": "system", "content": "You answer in one short sentence."},
-                    {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            msgs = [
+                {"role": "system", "content": "You answer in one short sentence."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     with (out / "sample_prompt_completion.jsonl").open("w") as f:
         for q, a in data:

@@ -60,7 +60,7 @@ def serve(stack) -> int:
     for line in stack.start_airflow_ui():
         print(f"[ui] {line}", flush=True)
     _print_uis(stack)
-    print("Trigger through the REST API: README.md, section \"Trigger through the REST API\".")
+    print('Trigger through the REST API: README.md, section "Trigger through the REST API".')
     return 0
 
 

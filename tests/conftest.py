@@ -27,7 +27,9 @@ def pytest_configure(config):
     from loraflow_devstack import LocalStack, free_port
 
     home = Path(tempfile.mkdtemp(prefix="loraflow-test-"))
-    stack = LocalStack(home=home, repo=REPO, mlflow_port=free_port(), airflow_port=free_port(), log_server_port=free_port())
+    stack = LocalStack(
+        home=home, repo=REPO, mlflow_port=free_port(), airflow_port=free_port(), log_server_port=free_port()
+    )
     os.environ["LORAFLOW_MODELS"] = str(home / "models")
     os.environ["LORAFLOW_DATA_ROOTS"] = os.pathsep.join([str(home / "data"), str(REPO / "examples")])
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"

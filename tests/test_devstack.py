@@ -22,8 +22,7 @@ DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
 
 def user_env(home: Path, **settings: str) -> dict[str, str]:
     """A shell as a new user has it: none of the test session's Airflow/MLflow/loraflow settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AIRFLOW", "LORAFLOW_", "MLFLOW_TRACKING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LORAFLOW_", "MLFLOW_TRACKING"))}
     return {**env, "LORAFLOW_HOME": str(home), **settings}
 
 
@@ -121,9 +120,14 @@ def test_the_embedded_airflow_db_waits_for_a_busy_writer_instead_of_failing(tmp_
         "cur = settings.engine.raw_connection().cursor()\n"
         "print(cur.execute('PRAGMA busy_timeout').fetchone()[0], cur.execute('PRAGMA journal_mode').fetchone()[0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home"), str(REPO)],
-                         env=user_env(tmp_path / "home"),
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "home"), str(REPO)],
+        env=user_env(tmp_path / "home"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["60000", "wal"], out.stdout
 

@@ -33,8 +33,11 @@ def test_first_rest_trigger_after_make_ui_follows_the_readme_to_a_registered_ver
     from loraflow_devstack import free_port, port_taken
 
     home = tmp_path / "home"
-    ports = {"LORAFLOW_AIRFLOW_PORT": str(free_port()), "LORAFLOW_MLFLOW_PORT": str(free_port()),
-             "LORAFLOW_AIRFLOW_LOG_PORT": str(free_port())}
+    ports = {
+        "LORAFLOW_AIRFLOW_PORT": str(free_port()),
+        "LORAFLOW_MLFLOW_PORT": str(free_port()),
+        "LORAFLOW_AIRFLOW_LOG_PORT": str(free_port()),
+    }
     env = user_env(home, **ports)
     try:
         up = make("--serve-only", env, timeout=900)
@@ -44,8 +47,14 @@ def test_first_rest_trigger_after_make_ui_follows_the_readme_to_a_registered_ver
         assert listen_addresses(int(ports["LORAFLOW_AIRFLOW_PORT"])) == {"127.0.0.1"}
         assert listen_addresses(int(ports["LORAFLOW_MLFLOW_PORT"])) == {"127.0.0.1"}
 
-        steps = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_rest_steps()], env=env, cwd=REPO,
-                               capture_output=True, text=True, timeout=1200)
+        steps = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", readme_rest_steps()],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert steps.returncode == 0, steps.stdout + steps.stderr
         lines = steps.stdout.strip().splitlines()
         assert lines[-2].endswith(": success"), steps.stdout

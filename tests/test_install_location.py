@@ -20,8 +20,12 @@ from tests.conftest import REPO
 def wheel(tmp_path_factory) -> Path:
     """The loraflow wheel as pip builds it from the checkout."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, cwd=out)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        cwd=out,
+    )
     return next(out.glob("loraflow-*.whl"))
 
 
@@ -36,14 +40,36 @@ def test_a_wheel_install_outside_the_checkout_finds_the_bundled_examples(wheel, 
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLOW_", "PYTHON"))}
-    out = subprocess.run([str(venv / "bin" / "python"), "-c",
-                          "import json, loraflow.config as c; print(json.dumps({'module': c.__file__, "
-                          "'examples': str(c.examples_dir()), 'root': str(c.repo_root()), "
-                          "'roots': [str(r) for r in c.data_roots()]}))"],
-                         check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+    out = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import json, loraflow.config as c; print(json.dumps({'module': c.__file__, "
+            "'examples': str(c.examples_dir()), 'root': str(c.repo_root()), "
+            "'roots': [str(r) for r in c.data_roots()]}))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    ).stdout
     found = json.loads(out)
     assert Path(found["module"]).is_relative_to(venv)
     default = params.build_params()["dataset_path"].value

@@ -45,10 +45,12 @@ class _LazyApps(list):
 class LoraflowPlugin(AirflowPlugin):
     name = "loraflow"
     fastapi_apps = _LazyApps()
-    external_views = [{
-        "name": "loraflow models",
-        "href": f"{URL_PREFIX}/",
-        "destination": "nav",
-        "category": "browse",
-        "url_route": "loraflow",
-    }]
+    external_views = [
+        {
+            "name": "loraflow models",
+            "href": f"{URL_PREFIX}/",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "loraflow",
+        }
+    ]

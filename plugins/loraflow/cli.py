@@ -53,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraflow", description="Use the models loraflow registered in MLflow.")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)",
+    )
     groups = p.add_subparsers(dest="group", required=True)
     about = "the trigger form's params: section, name, default and what each sets (the job spec's descriptions)"
     form = groups.add_parser("params", help=about, description=about)
     form.add_argument("--json", action="store_true", help="print JSON instead of text")
     form.set_defaults(run=_params, render=_render_params)
-    models = groups.add_parser("models", help="registered models and versions").add_subparsers(dest="command", required=True)
+    models = groups.add_parser("models", help="registered models and versions").add_subparsers(
+        dest="command", required=True
+    )
 
     def cmd(name: str, help: str, run, render):
         sub = models.add_parser(name, help=help, description=help)
@@ -72,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="only this registered model")
     s = cmd("show", "one version: NAME@ALIAS, NAME/VERSION, or NAME for the newest", _show, _render_show)
     s.add_argument("ref")
-    s = cmd("pull", "download a version's model (adapter + base reference), schema, metrics and metadata", _pull, _render_pull)
+    s = cmd(
+        "pull",
+        "download a version's model (adapter + base reference), schema, metrics and metadata",
+        _pull,
+        _render_pull,
+    )
     s.add_argument("ref")
     s.add_argument("--dest", required=True, help="an empty or new directory")
     s = cmd("generate", "load base model + adapter and complete a prompt (GPU if present)", _generate, _render_generate)
@@ -85,27 +96,52 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("version")
     s.add_argument("--alias", default="champion")
-    s.add_argument("--reason", required=True, help="why this version; stored as the version tag loraflow.promotion_reason")
-    s = cmd("serve", "serve a version over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions); "
-                     "SIGHUP or POST /admin/reload follows its alias to a new version", _serve, _render_serve)
+    s.add_argument(
+        "--reason", required=True, help="why this version; stored as the version tag loraflow.promotion_reason"
+    )
+    s = cmd(
+        "serve",
+        "serve a version over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions); "
+        "SIGHUP or POST /admin/reload follows its alias to a new version",
+        _serve,
+        _render_serve,
+    )
     s.add_argument("ref")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--base-model-path", help="the base model on this machine, if not in $LORAFLOW_MODELS")
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="refuse requests asking for more new tokens")
-    s = cmd("export", "write a version for other servers: merged weights, the PEFT adapter, or the adapter + a vLLM command",
-            _export, _render_export)
+    s = cmd(
+        "export",
+        "write a version for other servers: merged weights, the PEFT adapter, or the adapter + a vLLM command",
+        _export,
+        _render_export,
+    )
     s.add_argument("ref")
     s.add_argument("--format", required=True, choices=("merged", "peft", "vllm"))
     s.add_argument("--out", required=True, help="an empty or new directory")
     s.add_argument("--base-model-path", help="the base model on this machine, if not in $LORAFLOW_MODELS")
-    s.add_argument("--register", action="store_true", help="merged only: register the merged model as a version of NAME-merged")
+    s.add_argument(
+        "--register", action="store_true", help="merged only: register the merged model as a version of NAME-merged"
+    )
     s.add_argument("--register-name", help="the registered model for --register (default NAME-merged)")
-    s = cmd("rollback", "move champion back to the version that held it before the current one, and record why", _rollback, _render_rollback)
+    s = cmd(
+        "rollback",
+        "move champion back to the version that held it before the current one, and record why",
+        _rollback,
+        _render_rollback,
+    )
     s.add_argument("name")
     s.add_argument("--alias", default="champion")
-    s.add_argument("--reason", required=True, help="why the current version is withdrawn; recorded in the alias history")
-    s = cmd("history", "every recorded alias move of a model: when, which alias, from and to which version, by whom, why", _history, _render_history)
+    s.add_argument(
+        "--reason", required=True, help="why the current version is withdrawn; recorded in the alias history"
+    )
+    s = cmd(
+        "history",
+        "every recorded alias move of a model: when, which alias, from and to which version, by whom, why",
+        _history,
+        _render_history,
+    )
     s.add_argument("name")
     return p
 
@@ -142,8 +178,14 @@ def _generate(args) -> Any:
 
     if args.max_new_tokens < 1:
         raise LoraflowError("--max-new-tokens must be at least 1")
-    return generation.generate(_uri(args), args.ref, args.prompt, base_model_path=args.base_model_path,
-                               max_new_tokens=args.max_new_tokens, raw=args.raw)
+    return generation.generate(
+        _uri(args),
+        args.ref,
+        args.prompt,
+        base_model_path=args.base_model_path,
+        max_new_tokens=args.max_new_tokens,
+        raw=args.raw,
+    )
 
 
 def _serve(args) -> Any:
@@ -153,8 +195,14 @@ def _serve(args) -> Any:
         raise LoraflowError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.max_tokens_limit < 1:
         raise LoraflowError("--max-tokens-limit must be at least 1")
-    return serve.serve(_uri(args), args.ref, host=args.host, port=args.port, base_model_path=args.base_model_path,
-                       max_tokens_limit=args.max_tokens_limit)
+    return serve.serve(
+        _uri(args),
+        args.ref,
+        host=args.host,
+        port=args.port,
+        base_model_path=args.base_model_path,
+        max_tokens_limit=args.max_tokens_limit,
+    )
 
 
 def _export(args) -> Any:
@@ -162,8 +210,15 @@ def _export(args) -> Any:
 
     from loraflow import export
 
-    return export.export(_uri(args), args.ref, args.format, Path(args.out), base_model_path=args.base_model_path,
-                         register=args.register, register_name=args.register_name)
+    return export.export(
+        _uri(args),
+        args.ref,
+        args.format,
+        Path(args.out),
+        base_model_path=args.base_model_path,
+        register=args.register,
+        register_name=args.register_name,
+    )
 
 
 def _promote(args) -> Any:
@@ -225,9 +280,18 @@ def _render_list(models: list[dict]) -> str:
     for m in models:
         for v in m["versions"]:
             lin = v["lineage"]
-            rows.append([m["name"], v["version"], ",".join(v["aliases"]) or "-", _metrics_cell(v["metrics"]),
-                         f"{lin['dag_id']}/{lin['run_id']}" if lin["dag_id"] else "-",
-                         lin["data_fingerprint"][:12] or "-", _short_path(lin["base_model"]), v["created"] or "-"])
+            rows.append(
+                [
+                    m["name"],
+                    v["version"],
+                    ",".join(v["aliases"]) or "-",
+                    _metrics_cell(v["metrics"]),
+                    f"{lin['dag_id']}/{lin['run_id']}" if lin["dag_id"] else "-",
+                    lin["data_fingerprint"][:12] or "-",
+                    _short_path(lin["base_model"]),
+                    v["created"] or "-",
+                ]
+            )
         if not m["versions"]:
             rows.append([m["name"], "-", "-", "-", "-", "-", "-", "-"])
     return table(rows, ["MODEL", "VERSION", "ALIASES", "METRICS", "DAG RUN", "FINGERPRINT", "BASE MODEL", "CREATED"])
@@ -261,10 +325,14 @@ def _render_show(v: dict) -> str:
 
 
 def _render_pull(v: dict) -> str:
-    return "\n".join([f"pulled {v['name']} version {v['version']} to {v['dest']}",
-                      *(f"  {p}" for p in v["pulled"]),
-                      f"  adapter:    {v['adapter_dir'] or '-'}",
-                      f"  base model: {v['base_model_path'] or '-'} (override with --base-model-path when loading elsewhere)"])
+    return "\n".join(
+        [
+            f"pulled {v['name']} version {v['version']} to {v['dest']}",
+            *(f"  {p}" for p in v["pulled"]),
+            f"  adapter:    {v['adapter_dir'] or '-'}",
+            f"  base model: {v['base_model_path'] or '-'} (override with --base-model-path when loading elsewhere)",
+        ]
+    )
 
 
 def _render_generate(r: dict) -> str:
@@ -276,8 +344,11 @@ def _render_serve(r: dict) -> str:
 
 
 def _render_export(r: dict) -> str:
-    lines = [f"exported {r['name']} version {r['version']} ({r['format']}) to {r['out']}",
-             f"  base model: {r['base']}", f"  lineage:    {r['lineage']}"]
+    lines = [
+        f"exported {r['name']} version {r['version']} ({r['format']}) to {r['out']}",
+        f"  base model: {r['base']}",
+        f"  lineage:    {r['lineage']}",
+    ]
     if r.get("vllm_command"):
         lines.append(f"  run:        {r['vllm_command']}")
     if r.get("registered"):
@@ -292,7 +363,6 @@ def _render_promote(v: dict) -> str:
     return f"{v['alias']} -> {v['name']} version {v['version']}{moved}; reason recorded: {v['promotion_reason']}"
 
 
-
 def _render_rollback(r: dict) -> str:
     return f"{r['alias']} of {r['name']}: version {r['from']} -> {r['to']} (rolled back by {r['by']}: {r['reason']})"
 
@@ -301,8 +371,18 @@ def _render_history(h: dict) -> str:
     now = ", ".join(f"{a}=v{v}" for a, v in sorted(h["aliases"].items())) or "no aliases"
     if not h["moves"]:
         return f"{h['name']}: {now}; no alias moves recorded"
-    rows = [[m.get("at", "")[:19].replace("T", " "), m.get("alias", ""), f"v{m['from']}" if m.get("from") else "-",
-             f"v{m.get('to')}", m.get("kind", ""), m.get("by", ""), m.get("reason", "")] for m in h["moves"]]
+    rows = [
+        [
+            m.get("at", "")[:19].replace("T", " "),
+            m.get("alias", ""),
+            f"v{m['from']}" if m.get("from") else "-",
+            f"v{m.get('to')}",
+            m.get("kind", ""),
+            m.get("by", ""),
+            m.get("reason", ""),
+        ]
+        for m in h["moves"]
+    ]
     return f"{h['name']}: {now}\n" + table(rows, ["WHEN (UTC)", "ALIAS", "FROM", "TO", "KIND", "BY", "REASON"])
 
 

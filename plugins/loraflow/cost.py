@@ -63,8 +63,13 @@ def version_tags(metrics: dict[str, Any]) -> dict[str, str]:
         tags[EFFECTIVE_BATCH] = str(int(metrics["effective_batch_size"]))
     price = hour_cost()
     if price is not None:
-        tags.update({COST: f"{device_s / 3600 * price:.4f}", GPU_HOUR_COST: f"{price:g}",
-                     COST_CURRENCY: os.environ.get("LORAFLOW_COST_CURRENCY", "USD")})
+        tags.update(
+            {
+                COST: f"{device_s / 3600 * price:.4f}",
+                GPU_HOUR_COST: f"{price:g}",
+                COST_CURRENCY: os.environ.get("LORAFLOW_COST_CURRENCY", "USD"),
+            }
+        )
     return tags
 
 

@@ -28,11 +28,10 @@ MAX_GENERATION_EXAMPLES = 64
 
 def settings(values: dict[str, Any]) -> dict[str, Any]:
     """The evaluate/gate params of a trigger, checked, as ``Pipeline`` fields; ParamsError names the fix."""
-    from loraflow_trainer import behaviour
-    from loraflow_trainer.errors import DataError
-
     from loraflow import config
     from loraflow.workspace import confine
+    from loraflow_trainer import behaviour
+    from loraflow_trainer.errors import DataError
 
     out: dict[str, Any] = {}
     suite = values.get("behaviour_suite_path")
@@ -90,19 +89,32 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
         if tags.get(registry.RUN_KEY) == pipeline.run_key:
             return {"status": "self", "version": mv.version, "reason": "this run's version is already the champion"}
         if not mv.run_id:
-            return {"status": "not_comparable", "version": mv.version, "reason": "the champion has no MLflow run to fetch its adapter from"}
+            return {
+                "status": "not_comparable",
+                "version": mv.version,
+                "reason": "the champion has no MLflow run to fetch its adapter from",
+            }
         mine = json.loads((ws / "output" / "metadata.json").read_text()).get("base_model_ref")
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                theirs = json.loads(Path(mc.download_artifacts(mv.run_id, "metadata.json", tmp)).read_text()).get("base_model_ref")
+                theirs = json.loads(Path(mc.download_artifacts(mv.run_id, "metadata.json", tmp)).read_text()).get(
+                    "base_model_ref"
+                )
             except (OSError, ValueError):
                 theirs = None
         if _base_identity(mine) is None or _base_identity(mine) != _base_identity(theirs):
             from loraflow_trainer import base_model
 
-            what = base_model.describe(theirs) if theirs else f"base {tags.get(registry.BASE_MODEL, 'unknown')} (no weights hash recorded)"
-            return {"status": "not_comparable", "version": mv.version,
-                    "reason": f"v{mv.version} was trained on {what}, this run on {base_model.describe(mine) if mine else 'an unrecorded base'}"}
+            what = (
+                base_model.describe(theirs)
+                if theirs
+                else f"base {tags.get(registry.BASE_MODEL, 'unknown')} (no weights hash recorded)"
+            )
+            return {
+                "status": "not_comparable",
+                "version": mv.version,
+                "reason": f"v{mv.version} was trained on {what}, this run on {base_model.describe(mine) if mine else 'an unrecorded base'}",
+            }
         staging = ws / f".{CHAMPION_DIR}-download"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -110,13 +122,21 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
             local = Path(mc.download_artifacts(mv.run_id, "model/peft", str(staging)))
         except Exception as exc:  # an MlflowException or an OSError from the artifact store
             shutil.rmtree(staging, ignore_errors=True)
-            return {"status": "not_comparable", "version": mv.version,
-                    "reason": f"its adapter (model/peft of run {mv.run_id}) could not be downloaded: {str(exc).splitlines()[0][:200]}"}
+            return {
+                "status": "not_comparable",
+                "version": mv.version,
+                "reason": f"its adapter (model/peft of run {mv.run_id}) could not be downloaded: {str(exc).splitlines()[0][:200]}",
+            }
         dest.mkdir()
         local.replace(dest / "adapter")
         shutil.rmtree(staging, ignore_errors=True)
     log(f"loraflow: evaluate compares with the champion, {name} v{mv.version} (adapter in {dest / 'adapter'})")
-    return {"status": "compared", "version": mv.version, "reason": f"champion {name} v{mv.version}", "run_id": mv.run_id}
+    return {
+        "status": "compared",
+        "version": mv.version,
+        "reason": f"champion {name} v{mv.version}",
+        "run_id": mv.run_id,
+    }
 
 
 def write_request(pipeline, log=print) -> dict[str, Any]:
@@ -137,8 +157,14 @@ def write_request(pipeline, log=print) -> dict[str, Any]:
             raise ParamsError(str(exc)) from None
         shutil.copyfile(pipeline.behaviour_suite_path, ws / SUITE_FILE)
         suite = SUITE_FILE
-    request = {"adapters": adapters, "champion": champion, "include_base": bool(pipeline.evaluate_base),
-               "behaviour_suite": suite, "max_generation_examples": MAX_GENERATION_EXAMPLES, "output": "output/eval.json"}
+    request = {
+        "adapters": adapters,
+        "champion": champion,
+        "include_base": bool(pipeline.evaluate_base),
+        "behaviour_suite": suite,
+        "max_generation_examples": MAX_GENERATION_EXAMPLES,
+        "output": "output/eval.json",
+    }
     (ws / REQUEST).write_text(json.dumps(request, indent=2))
     if champion["status"] != "compared":
         log(f"loraflow: evaluate scores this run's adapter only: {champion['reason']}")
@@ -148,6 +174,16 @@ def write_request(pipeline, log=print) -> dict[str, Any]:
 def summary(ws: Path) -> dict[str, Any]:
     """What the evaluate task returns (XCom): each model's eval loss and behaviour passes, the champion compared."""
     ev = json.loads((Path(ws) / "output" / "eval.json").read_text())
-    return {"champion": ev.get("champion"), "n_examples": ev.get("n_examples"), "runtime_s": ev.get("runtime_s"),
-            "models": {k: {"eval_loss": m["eval_loss"], "behaviour_passed": sum(c["passed"] for c in m["behaviour"]),
-                           **m.get("generation", {})} for k, m in ev.get("models", {}).items()}}
+    return {
+        "champion": ev.get("champion"),
+        "n_examples": ev.get("n_examples"),
+        "runtime_s": ev.get("runtime_s"),
+        "models": {
+            k: {
+                "eval_loss": m["eval_loss"],
+                "behaviour_passed": sum(c["passed"] for c in m["behaviour"]),
+                **m.get("generation", {}),
+            }
+            for k, m in ev.get("models", {}).items()
+        },
+    }

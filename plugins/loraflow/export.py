@@ -33,13 +33,23 @@ from loraflow.errors import LoraflowError
 FORMATS = ("merged", "peft", "vllm")
 LINEAGE_FILE = "lineage.json"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
-KBIT_CAVEAT = ("this adapter was trained against a {q} quantized base; it is merged here into the full-precision "
-               "base weights, so the merged model's outputs differ slightly from the quantized model's it was trained and evaluated "
-               "with; evaluate the merged model before serving it, or serve the adapter on the quantized base (--format peft)")
+KBIT_CAVEAT = (
+    "this adapter was trained against a {q} quantized base; it is merged here into the full-precision "
+    "base weights, so the merged model's outputs differ slightly from the quantized model's it was trained and evaluated "
+    "with; evaluate the merged model before serving it, or serve the adapter on the quantized base (--format peft)"
+)
 
 
-def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | None = None, register: bool = False,
-           register_name: str | None = None) -> dict[str, Any]:
+def export(
+    uri: str,
+    ref: str,
+    fmt: str,
+    out: Path,
+    *,
+    base_model_path: str | None = None,
+    register: bool = False,
+    register_name: str | None = None,
+) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise LoraflowError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if register and fmt != "merged":
@@ -55,7 +65,9 @@ def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | No
         base = registry.resolve_base(model_dir, info, base_model_path)
         adapter, tokenizer = model_dir / "peft", model_dir / "components" / "tokenizer"
         if not (adapter / "adapter_config.json").is_file():
-            raise LoraflowError(f"{info['name']}/{info['version']} holds no PEFT adapter (model/peft/); it was not registered by loraflow")
+            raise LoraflowError(
+                f"{info['name']}/{info['version']} holds no PEFT adapter (model/peft/); it was not registered by loraflow"
+            )
         source_files = _hashes(adapter)
         original_base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         params = registry.run_params(uri, info)
@@ -77,9 +89,16 @@ def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | No
         "format": fmt,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "loraflow_version": _loraflow_version(),
-        "source": {"name": info["name"], "version": info["version"], "ref": ref, "aliases": info["aliases"],
-                   "mlflow_run_id": info["mlflow_run_id"], "run_url": info["run_url"], "lineage": info["lineage"],
-                   "adapter_files": source_files},
+        "source": {
+            "name": info["name"],
+            "version": info["version"],
+            "ref": ref,
+            "aliases": info["aliases"],
+            "mlflow_run_id": info["mlflow_run_id"],
+            "run_url": info["run_url"],
+            "lineage": info["lineage"],
+            "adapter_files": source_files,
+        },
         "base": {"reference": base_ref, "resolved": base, "trained_against": original_base},
         "quantization": quantization,
         "caveat": KBIT_CAVEAT.format(q=quantization) if fmt == "merged" and quantization != "none" else None,
@@ -87,10 +106,20 @@ def export(uri: str, ref: str, fmt: str, out: Path, *, base_model_path: str | No
         "files": _hashes(out),
     }
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
-    result = {"name": info["name"], "version": info["version"], "format": fmt, "out": str(out.resolve()), "base": base,
-              "lineage": str((out / LINEAGE_FILE).resolve()), "caveat": lineage["caveat"], **extra}
+    result = {
+        "name": info["name"],
+        "version": info["version"],
+        "format": fmt,
+        "out": str(out.resolve()),
+        "base": base,
+        "lineage": str((out / LINEAGE_FILE).resolve()),
+        "caveat": lineage["caveat"],
+        **extra,
+    }
     if register:
-        result["registered"] = registry.register_export(uri, info, out, register_name or f"{info['name']}-merged", lineage)
+        result["registered"] = registry.register_export(
+            uri, info, out, register_name or f"{info['name']}-merged", lineage
+        )
     return result
 
 
@@ -134,17 +163,19 @@ def _vllm(adapter: Path, tokenizer: Path, out: Path, base: str, info: dict[str, 
     rank = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     name = info["name"]
-    command = (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(name)}={shlex.quote(str((out / 'adapter').resolve()))} "
-               f"--max-lora-rank {max_rank}")
+    command = (
+        f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(name)}={shlex.quote(str((out / 'adapter').resolve()))} "
+        f"--max-lora-rank {max_rank}"
+    )
     (out / "run.sh").write_text(f"""#!/bin/sh
-# Serve {name} version {info['version']} with vLLM's multi-LoRA: the base model plus this adapter.
+# Serve {name} version {info["version"]} with vLLM's multi-LoRA: the base model plus this adapter.
 # BASE_MODEL overrides the base directory (it must hold the same weights: see lineage.json).
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 exec vllm serve "${{BASE_MODEL:-{base}}}" --enable-lora --lora-modules "{name}=$here/adapter" --max-lora-rank {max_rank} "$@"
 """)
     (out / "run.sh").chmod(0o755)
-    (out / "README.md").write_text(f"""# {name} version {info['version']} for vLLM
+    (out / "README.md").write_text(f"""# {name} version {info["version"]} for vLLM
 
 The LoRA adapter is in `adapter/`; the base model it was trained on is `{base}` on the host that
 exported it (its weights hash and the source version are in `lineage.json`).

@@ -159,7 +159,7 @@ class ChatRequest(_Request):
 def _cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     cuts = [text.index(s) for s in stops if s and s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens: int = 256):
@@ -170,7 +170,9 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
     app = FastAPI(title="loraflow serve", description=f"{served.ref} (OpenAI-compatible completions)")
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+        return JSONResponse(
+            {"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -182,28 +184,43 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
         if req.stream:
             return error(400, "streaming is not supported by loraflow serve; send stream: false", param="stream")
         if max_tokens > max_tokens_limit:
-            return error(400, f"max_tokens {max_tokens} is over this server's limit {max_tokens_limit} (--max-tokens-limit)", param="max_tokens")
+            return error(
+                400,
+                f"max_tokens {max_tokens} is over this server's limit {max_tokens_limit} (--max-tokens-limit)",
+                param="max_tokens",
+            )
         current = served.current
         if req.model and current and req.model not in (current.name, str(served.ref), current.label):
-            return error(404, f"model {req.model!r} is not served here; this server serves {current.name} ({served.ref} = {current.label})",
-                         kind="not_found_error", param="model")
+            return error(
+                404,
+                f"model {req.model!r} is not served here; this server serves {current.name} ({served.ref} = {current.label})",
+                kind="not_found_error",
+                param="model",
+            )
         return None
 
     def run(req: _Request, max_tokens: int, **inputs) -> tuple[Loaded, list[dict[str, Any]], int, int]:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
-            loaded, out = served.complete(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                          seed=seed, **inputs)
+            loaded, out = served.complete(
+                max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed, **inputs
+            )
             text, stopped = _cut_at_stop(out["completion"], req.stop)
             choices.append({"index": i, "text": text, "finish_reason": "stop" if stopped else out["finish_reason"]})
             prompt_tokens, completion_tokens = out["prompt_tokens"], completion_tokens + out["completion_tokens"]
         return loaded, choices, prompt_tokens, completion_tokens
 
     def answer(kind: str, loaded: Loaded, choices: list[dict], usage: tuple[int, int]) -> JSONResponse:
-        body = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-                "created": int(time.time()), "model": loaded.name, "system_fingerprint": loaded.label, "choices": choices,
-                "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}}
+        body = {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": loaded.name,
+            "system_fingerprint": loaded.label,
+            "choices": choices,
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+        }
         return JSONResponse(body, headers={VERSION_HEADER: loaded.label})
 
     @app.post("/v1/completions")
@@ -230,21 +247,42 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
             return bad
         current = served.current
         if current is not None and not inference().has_chat_template(current.tokenizer):
-            return error(400, f"{current.label} has no chat template; send a prompt to /v1/completions", param="messages")
+            return error(
+                400, f"{current.label} has no chat template; send a prompt to /v1/completions", param="messages"
+            )
         try:
             loaded, choices, p, c = run(req, max_tokens, messages=[m.model_dump() for m in req.messages])
         except _NotReady:
             return error(503, "no version loaded yet; wait for /ready", kind="service_unavailable")
-        choices = [{"index": ch["index"], "message": {"role": "assistant", "content": ch["text"]},
-                    "finish_reason": ch["finish_reason"], "logprobs": None} for ch in choices]
+        choices = [
+            {
+                "index": ch["index"],
+                "message": {"role": "assistant", "content": ch["text"]},
+                "finish_reason": ch["finish_reason"],
+                "logprobs": None,
+            }
+            for ch in choices
+        ]
         return answer("chat.completion", loaded, choices, (p, c))
 
     @app.get("/v1/models")
     def models():
         current = served.current
-        data = [] if current is None else [{"id": current.name, "object": "model", "created": int(current.loaded_at),
-                                            "owned_by": "loraflow", "version": current.version, "ref": str(served.ref),
-                                            "base_model": current.base}]
+        data = (
+            []
+            if current is None
+            else [
+                {
+                    "id": current.name,
+                    "object": "model",
+                    "created": int(current.loaded_at),
+                    "owned_by": "loraflow",
+                    "version": current.version,
+                    "ref": str(served.ref),
+                    "base_model": current.base,
+                }
+            ]
+        )
         return {"object": "list", "data": data}
 
     @app.get("/health")
@@ -256,31 +294,51 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
         current = served.current
         if current is None:
             return JSONResponse({"ready": False, "error": served.error}, status_code=503)
-        return JSONResponse({"ready": True, "model": current.name, "version": current.version, "ref": str(served.ref)},
-                            headers={VERSION_HEADER: current.label})
+        return JSONResponse(
+            {"ready": True, "model": current.name, "version": current.version, "ref": str(served.ref)},
+            headers={VERSION_HEADER: current.label},
+        )
 
     @app.post("/admin/reload")
     def admin_reload():
         try:
             result = served.reload()
         except LoraflowError as exc:
-            return error(409, f"reload failed, still serving {served.current.label if served.current else 'nothing'}: {exc}",
-                         kind="reload_failed")
+            return error(
+                409,
+                f"reload failed, still serving {served.current.label if served.current else 'nothing'}: {exc}",
+                kind="reload_failed",
+            )
         return JSONResponse(result, headers={VERSION_HEADER: served.current.label})
 
     return app
 
 
-def serve(uri: str, ref: str, *, host: str = "127.0.0.1", port: int = 8000, base_model_path: str | None = None,
-          max_tokens_limit: int = 2048) -> dict[str, Any]:
+def serve(
+    uri: str,
+    ref: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    base_model_path: str | None = None,
+    max_tokens_limit: int = 2048,
+) -> dict[str, Any]:
     """Serve ``ref`` until SIGTERM/SIGINT. The version and its base are checked before the port opens."""
     import uvicorn
 
     generation.require_stack("serve")
     served = Served(uri, ref, base_model_path)
     fetched = served.fetch()  # a missing model or base fails here, with its message, before anything listens
-    server = uvicorn.Server(uvicorn.Config(create_app(served, max_tokens_limit), host=host, port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(served, max_tokens_limit),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    )
 
     def first_load():
         try:

@@ -46,8 +46,13 @@ def prepare(context) -> str:
     try:
         # Airflow merges the trigger conf into the params (unknown names included); the raw conf's
         # names are checked too, so a conf key can never slip past the form's list.
-        pipeline = workspace.prepare(dict(context["params"]), dag_run.dag_id, dag_run.run_id, _run_type(context),
-                                     raw_keys=list(getattr(dag_run, "conf", None) or {}))
+        pipeline = workspace.prepare(
+            dict(context["params"]),
+            dag_run.dag_id,
+            dag_run.run_id,
+            _run_type(context),
+            raw_keys=list(getattr(dag_run, "conf", None) or {}),
+        )
     except LoraflowError as exc:
         _fail(exc)
     return pipeline.workspace
@@ -61,8 +66,10 @@ def check_data(ws: str) -> dict[str, Any]:
     tokenizer = Path(pipeline.base_model_host) / "tokenizer.json"
     try:
         report = checks.check(
-            Path(pipeline.dataset_path), job.data.data_format,
-            max_seq_length=job.training.max_seq_length, min_rows=pipeline.min_rows,
+            Path(pipeline.dataset_path),
+            job.data.data_format,
+            max_seq_length=job.training.max_seq_length,
+            min_rows=pipeline.min_rows,
             tokenizer_json=tokenizer if tokenizer.exists() else None,
             eval_path=Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None,
             report_path=Path(ws) / "data_report.json",
@@ -78,7 +85,9 @@ def preprocess(ws: str) -> dict[str, Any]:
     pipeline = Pipeline.load(ws)
     eval_source = Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None
     try:
-        result = _preprocess(Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source)
+        result = _preprocess(
+            Path(pipeline.dataset_path), workspace.load_job(ws), Path(ws), pipeline.eval_fraction, eval_source
+        )
     except LoraflowError as exc:  # a split the trainer would refuse: fail here, before any GPU time
         _fail(exc)
     return result.__dict__
@@ -93,8 +102,10 @@ def should_train(ws: str) -> bool:
     _mlflow_env()
     seen = registry.is_registered(config.tracking_uri(), pipeline.registered_model_name, fingerprint)
     if seen:
-        print(f"loraflow: data fingerprint {fingerprint[:12]} with these settings is already registered "
-              f"in {pipeline.registered_model_name}; nothing new to train")
+        print(
+            f"loraflow: data fingerprint {fingerprint[:12]} with these settings is already registered "
+            f"in {pipeline.registered_model_name}; nothing new to train"
+        )
     return not seen
 
 
@@ -121,9 +132,14 @@ def _provenance(pipeline: Pipeline) -> dict[str, str]:
     meta = json.loads(path.read_text()) if path.exists() else {}
     ref, code = meta.get("base_model_ref") or {}, meta.get("code") or {}
     base_ref = {"cache": ref.get("name"), "hub": f"{ref.get('id')}@{ref.get('revision')}"}.get(ref.get("kind"), "")
-    return {registry.BASE_REF: base_ref or "", registry.BASE_SHA256: ref.get("sha256") or "",
-            registry.LORAFLOW_VERSION: loraflow.__version__, registry.TRAINER_VERSION: code.get("loraflow_trainer") or "",
-            registry.GIT_COMMIT: _git_commit(), registry.TRAINER_GIT_COMMIT: code.get("git_commit") or ""}
+    return {
+        registry.BASE_REF: base_ref or "",
+        registry.BASE_SHA256: ref.get("sha256") or "",
+        registry.LORAFLOW_VERSION: loraflow.__version__,
+        registry.TRAINER_VERSION: code.get("loraflow_trainer") or "",
+        registry.GIT_COMMIT: _git_commit(),
+        registry.TRAINER_GIT_COMMIT: code.get("git_commit") or "",
+    }
 
 
 def _git_commit() -> str:
@@ -134,8 +150,12 @@ def _git_commit() -> str:
     if os.environ.get("LORAFLOW_GIT_COMMIT"):
         return os.environ["LORAFLOW_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -144,30 +164,51 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
     pipeline = Pipeline.load(ws)
     job = workspace.load_job(ws)
     _mlflow_env()
-    params = {**job.flat_params(), "dataset_path": pipeline.dataset_path, "eval_fraction": pipeline.eval_fraction,
-              "eval_dataset_path": pipeline.eval_dataset_path or "",
-              "registered_model_name": pipeline.registered_model_name, "promotion_metric": pipeline.promotion_metric,
-              "runtime": pipeline.runtime, "gate_margin": pipeline.gate_margin, "max_epsilon": pipeline.max_epsilon,
-              "behaviour_suite_path": pipeline.behaviour_suite_path or ""}
+    params = {
+        **job.flat_params(),
+        "dataset_path": pipeline.dataset_path,
+        "eval_fraction": pipeline.eval_fraction,
+        "eval_dataset_path": pipeline.eval_dataset_path or "",
+        "registered_model_name": pipeline.registered_model_name,
+        "promotion_metric": pipeline.promotion_metric,
+        "runtime": pipeline.runtime,
+        "gate_margin": pipeline.gate_margin,
+        "max_epsilon": pipeline.max_epsilon,
+        "behaviour_suite_path": pipeline.behaviour_suite_path or "",
+    }
     # The promotion decision from the evaluate task's same-exam scores (None without eval.json).
-    decision = gate.from_workspace(Path(ws), margin=pipeline.gate_margin, max_epsilon=pipeline.max_epsilon,
-                                   dp_enabled=job.privacy.dp_enabled,
-                                   allow_behaviour_regressions=pipeline.allow_behaviour_regressions)
+    decision = gate.from_workspace(
+        Path(ws),
+        margin=pipeline.gate_margin,
+        max_epsilon=pipeline.max_epsilon,
+        dp_enabled=job.privacy.dp_enabled,
+        allow_behaviour_regressions=pipeline.allow_behaviour_regressions,
+    )
     if decision is not None:
         print(f"loraflow: gate: {'promote' if decision.promote else 'keep the champion'}: {decision.reason}")
     try:
         reg = registry.register(
-            config.tracking_uri(), name=pipeline.registered_model_name, run_key=pipeline.run_key,
-            workspace=Path(ws), params=params, tags=_lineage(pipeline, job, train_result),
-            gate_metric=pipeline.promotion_metric, dataset_source=pipeline.dataset_path,
-            run_time=_run_time(context), gate=decision,
+            config.tracking_uri(),
+            name=pipeline.registered_model_name,
+            run_key=pipeline.run_key,
+            workspace=Path(ws),
+            params=params,
+            tags=_lineage(pipeline, job, train_result),
+            gate_metric=pipeline.promotion_metric,
+            dataset_source=pipeline.dataset_path,
+            run_time=_run_time(context),
+            gate=decision,
         )
     except LoraflowError as exc:
         _fail(exc)
-    (Path(ws) / REGISTERED_MARKER).write_text(json.dumps({"name": reg.name, "version": reg.version, "run_key": pipeline.run_key}))
+    (Path(ws) / REGISTERED_MARKER).write_text(
+        json.dumps({"name": reg.name, "version": reg.version, "run_key": pipeline.run_key})
+    )
     context["ti"].xcom_push(key="mlflow_run_id", value=reg.run_id)
-    print(f"loraflow: registered {reg.name} version {reg.version} (aliases: {', '.join(reg.aliases) or 'none'}; "
-          f"champion is v{reg.champion_version}; {'new' if reg.created else 'already registered by an earlier try'})")
+    print(
+        f"loraflow: registered {reg.name} version {reg.version} (aliases: {', '.join(reg.aliases) or 'none'}; "
+        f"champion is v{reg.champion_version}; {'new' if reg.created else 'already registered by an earlier try'})"
+    )
     for note in reg.notes:
         print(f"loraflow: {note}")
     return reg.__dict__
@@ -200,16 +241,20 @@ def refuse_retrain_of_registered(pipeline: Pipeline, log=print) -> None:
     if version is None:
         _mlflow_env()
         try:
-            version = registry.registered_version(config.tracking_uri(), pipeline.registered_model_name, pipeline.run_key)
+            version = registry.registered_version(
+                config.tracking_uri(), pipeline.registered_model_name, pipeline.run_key
+            )
         except LoraflowError as exc:  # register checks the bytes again, against the registry itself
             log(f"loraflow: could not ask MLflow whether this run is registered ({exc}); training")
             return
     if version is not None:
-        _fail(LoraflowError(
-            f"this DAG run ({pipeline.run_key}) is already registered as version {version} of "
-            f"{pipeline.registered_model_name}, so its train task is not re-run: retraining would leave the workspace "
-            f"and the registry with different adapters; trigger a new DAG run with the same conf to retrain"
-        ))
+        _fail(
+            LoraflowError(
+                f"this DAG run ({pipeline.run_key}) is already registered as version {version} of "
+                f"{pipeline.registered_model_name}, so its train task is not re-run: retraining would leave the workspace "
+                f"and the registry with different adapters; trigger a new DAG run with the same conf to retrain"
+            )
+        )
 
 
 FAILED_STATES = ("failed", "upstream_failed")
@@ -237,7 +282,8 @@ def outcome(context) -> dict[str, str]:
     failed = {t: s for t, s in states.items() if s in FAILED_STATES and t not in (ti.task_id, "teardown")}
     if failed:
         raise AirflowFailException(
-            "this DAG run failed: " + ", ".join(f"{t} is {s}" for t, s in sorted(failed.items()))
+            "this DAG run failed: "
+            + ", ".join(f"{t} is {s}" for t, s in sorted(failed.items()))
             + "; see those tasks' logs (teardown cleaned up, nothing half-done was registered)"
         )
     return {t: str(s) for t, s in states.items() if t != ti.task_id}
@@ -254,8 +300,12 @@ def teardown(ws: str, context) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
     status = "FAILED" if failed else "FINISHED"
     mlflow_run = _close_mlflow_run(pipeline, ws, status)
-    summary = {"status": status, "containers_removed": removed, "mlflow_run_id": mlflow_run,
-               "kept_checkpoints": (out / "checkpoints").exists()}
+    summary = {
+        "status": status,
+        "containers_removed": removed,
+        "mlflow_run_id": mlflow_run,
+        "kept_checkpoints": (out / "checkpoints").exists(),
+    }
     print(f"loraflow teardown: {json.dumps(summary)}")
     return summary
 

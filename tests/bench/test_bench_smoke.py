@@ -16,8 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, out: Path, *args: str, timeout: int = 300, table: bool = True) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ("|" in proc.stdout) == table  # printed its table (or, skipped, none)
     return json.loads((out / f"{Path(script).stem}.json").read_text())
@@ -26,7 +31,14 @@ def run_bench(script: str, out: Path, *args: str, timeout: int = 300, table: boo
 def test_throughput_bench_measures_every_setup_against_the_baseline(tmp_path):
     res = run_bench("throughput.py", tmp_path)
     setups = {row["setup"]: row for row in res["summary"]}
-    assert set(setups) == {"hf_padding", "loraflow", "loraflow_packing", "trl_default", "trl_padding_free", "trl_packing"}
+    assert set(setups) == {
+        "hf_padding",
+        "loraflow",
+        "loraflow_packing",
+        "trl_default",
+        "trl_padding_free",
+        "trl_packing",
+    }
     for row in setups.values():
         assert row["tokens_per_s"] > 0 and row["time_to_budget_s"] > 0 and row["x_vs_b"] > 0
         assert row["eval_loss"] > 0
@@ -39,7 +51,10 @@ def test_throughput_bench_measures_every_setup_against_the_baseline(tmp_path):
 
 def test_memory_bench_reports_peak_memory_per_config_in_fresh_processes(tmp_path):
     res = run_bench("memory.py", tmp_path)
-    assert [(r["setup"], r["quantization"]) for r in res["results"]] == [("hf_padding", "none"), ("loraflow_packing", "none")]
+    assert [(r["setup"], r["quantization"]) for r in res["results"]] == [
+        ("hf_padding", "none"),
+        ("loraflow_packing", "none"),
+    ]
     for r in res["results"]:
         assert r["peak_rss_mb"] > r["rss_after_imports_mb"] > 0
         assert r["steps"] == 2 and r["tokens"] > 0

@@ -28,6 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def docker_client():
     import docker
+
     from loraflow import config
 
     url = config.docker_url()
@@ -35,7 +36,9 @@ def docker_client():
         client = docker.DockerClient(base_url=url, timeout=120)
         client.ping()
     except Exception as exc:  # no engine here: these tests cannot run, the rest of the suite can
-        pytest.skip(f"no Docker engine reachable at {url} ({type(exc).__name__}); start one with scripts/start-docker.sh")
+        pytest.skip(
+            f"no Docker engine reachable at {url} ({type(exc).__name__}); start one with scripts/start-docker.sh"
+        )
     yield client
     client.close()
 
@@ -44,6 +47,7 @@ def docker_client():
 def trainer_image(docker_client) -> str:
     """The trainer image tag the DAG uses (LORAFLOW_IMAGE), present on the engine."""
     from docker.errors import ImageNotFound
+
     from loraflow import config
 
     tag = config.image()

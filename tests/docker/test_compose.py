@@ -16,7 +16,13 @@ import pytest
 
 from tests.conftest import REPO
 
-AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker")
+AIRFLOW_SERVICES = (
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+)
 
 
 def compose_binary() -> str:
@@ -36,8 +42,13 @@ def compose_binary() -> str:
 
 def compose_config(**env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLOW_", "AIRFLOW_", "MLFLOW_"))}
-    return subprocess.run([compose_binary(), "-f", str(REPO / "docker-compose.yaml"), "config", "--format", "json"],
-                          env={**clean, **env}, capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [compose_binary(), "-f", str(REPO / "docker-compose.yaml"), "config", "--format", "json"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +60,26 @@ def stack() -> dict:
 
 def test_stack_has_airflow_postgres_mlflow_broker_trainer_build_and_socket_proxy(stack):
     services = set(stack["services"])
-    assert {*AIRFLOW_SERVICES, "airflow-init", "postgres", "redis", "mlflow", "trainer-image", "docker-socket-proxy"} <= services
+    assert {
+        *AIRFLOW_SERVICES,
+        "airflow-init",
+        "postgres",
+        "redis",
+        "mlflow",
+        "trainer-image",
+        "docker-socket-proxy",
+    } <= services
     assert stack["services"]["airflow-worker"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert stack["services"]["trainer-image"]["build"]["context"] == str(REPO / "trainer_image")
 
 
 def test_only_the_socket_proxy_mounts_the_docker_socket(stack):
-    mounting = {name for name, svc in stack["services"].items()
-                for v in svc.get("volumes", []) if v.get("source") == "/var/run/docker.sock"}
+    mounting = {
+        name
+        for name, svc in stack["services"].items()
+        for v in svc.get("volumes", [])
+        if v.get("source") == "/var/run/docker.sock"
+    }
     assert mounting == {"docker-socket-proxy"}
     for name in AIRFLOW_SERVICES:
         assert stack["services"][name]["environment"]["LORAFLOW_DOCKER_URL"] == "tcp://docker-socket-proxy:2375"
@@ -64,7 +87,9 @@ def test_only_the_socket_proxy_mounts_the_docker_socket(stack):
 
 def test_socket_proxy_allows_only_the_trainer_calls_and_waits_for_hours():
     cfg = (REPO / "deploy" / "socket-proxy" / "haproxy.cfg").read_text()
-    timeouts = dict(line.split()[1:3] for line in cfg.splitlines() if line.strip().startswith("timeout ") and len(line.split()) == 3)
+    timeouts = dict(
+        line.split()[1:3] for line in cfg.splitlines() if line.strip().startswith("timeout ") and len(line.split()) == 3
+    )
     for which in ("client", "server"):
         value = timeouts[which]
         assert value.endswith("h") and int(value[:-1]) >= 24, f"timeout {which} {value} would cut long training runs"
@@ -90,19 +115,30 @@ def test_workspaces_and_model_cache_are_the_host_folders_the_trainer_containers_
     for name in (*AIRFLOW_SERVICES, "airflow-init"):
         svc = stack["services"][name]
         mounts = {(v["type"], v["source"], v["target"]) for v in svc["volumes"]}
-        assert mounts >= {("bind", "/srv/loraflow", "/opt/loraflow-home"), ("bind", "/srv/loraflow/models", "/opt/loraflow-home/models")}
+        assert mounts >= {
+            ("bind", "/srv/loraflow", "/opt/loraflow-home"),
+            ("bind", "/srv/loraflow/models", "/opt/loraflow-home/models"),
+        }
         # The paths the workers hand to the engine are the ones mounted here.
         assert svc["environment"]["LORAFLOW_HOST_HOME"] == "/srv/loraflow"
         assert svc["environment"]["LORAFLOW_HOST_MODELS"] == "/srv/loraflow/models"
 
 
 def test_the_model_cache_follows_the_host_home_unless_set_apart():
-    moved = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", LORAFLOW_HOST_HOME="/data/lf").stdout)
+    moved = json.loads(
+        compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", LORAFLOW_HOST_HOME="/data/lf").stdout
+    )
     worker = moved["services"]["airflow-worker"]
     assert worker["environment"]["LORAFLOW_HOST_MODELS"] == "/data/lf/models"
     assert {v["source"] for v in worker["volumes"]} == {"/data/lf", "/data/lf/models"}
-    apart = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", LORAFLOW_HOST_HOME="/data/lf",
-                                      LORAFLOW_HOST_MODELS="/big/models").stdout)
+    apart = json.loads(
+        compose_config(
+            AIRFLOW_JWT_SECRET="x",
+            AIRFLOW_ADMIN_PASSWORD="y",
+            LORAFLOW_HOST_HOME="/data/lf",
+            LORAFLOW_HOST_MODELS="/big/models",
+        ).stdout
+    )
     worker = apart["services"]["airflow-worker"]
     assert worker["environment"]["LORAFLOW_HOST_MODELS"] == "/big/models"
     assert {v["source"] for v in worker["volumes"]} == {"/data/lf", "/big/models"}
@@ -138,18 +174,30 @@ def test_local_builds_take_the_base_image_and_offline_args(stack):
     for name in ("airflow-init", "mlflow"):
         args = stack["services"][name]["build"]["args"]
         assert args["BASE_IMAGE"] == "python:3.11-slim-bookworm" and args["OFFLINE"] == "0"
-    local = json.loads(compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y",
-                                      LORAFLOW_STACK_BASE_IMAGE="loraflow-base:bookworm", LORAFLOW_OFFLINE="1").stdout)
+    local = json.loads(
+        compose_config(
+            AIRFLOW_JWT_SECRET="x",
+            AIRFLOW_ADMIN_PASSWORD="y",
+            LORAFLOW_STACK_BASE_IMAGE="loraflow-base:bookworm",
+            LORAFLOW_OFFLINE="1",
+        ).stdout
+    )
     for name in ("airflow-init", "mlflow"):
-        assert local["services"][name]["build"]["args"] == {**local["services"][name]["build"]["args"],
-                                                            "BASE_IMAGE": "loraflow-base:bookworm", "OFFLINE": "1"}
+        assert local["services"][name]["build"]["args"] == {
+            **local["services"][name]["build"]["args"],
+            "BASE_IMAGE": "loraflow-base:bookworm",
+            "OFFLINE": "1",
+        }
 
 
 def test_every_image_is_overridable_from_the_environment():
     overrides = {
-        "LORAFLOW_AIRFLOW_IMAGE": "local/airflow:t", "LORAFLOW_POSTGRES_IMAGE": "local/pg:t",
-        "LORAFLOW_REDIS_IMAGE": "local/redis:t", "LORAFLOW_MLFLOW_IMAGE": "local/mlflow:t",
-        "LORAFLOW_IMAGE": "local/trainer:t", "LORAFLOW_SOCKET_PROXY_IMAGE": "local/proxy:t",
+        "LORAFLOW_AIRFLOW_IMAGE": "local/airflow:t",
+        "LORAFLOW_POSTGRES_IMAGE": "local/pg:t",
+        "LORAFLOW_REDIS_IMAGE": "local/redis:t",
+        "LORAFLOW_MLFLOW_IMAGE": "local/mlflow:t",
+        "LORAFLOW_IMAGE": "local/trainer:t",
+        "LORAFLOW_SOCKET_PROXY_IMAGE": "local/proxy:t",
     }
     proc = compose_config(AIRFLOW_JWT_SECRET="x", AIRFLOW_ADMIN_PASSWORD="y", **overrides)
     assert proc.returncode == 0, proc.stderr

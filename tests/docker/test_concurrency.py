@@ -41,7 +41,8 @@ def scheduler_stack(stack, mlflow_server, tiny_model, tmp_path):
     airflow_home = tmp_path / "airflow"
     airflow_home.mkdir()
     env = {
-        **os.environ, **own.env(),
+        **os.environ,
+        **own.env(),
         "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -49,27 +50,48 @@ def scheduler_stack(stack, mlflow_server, tiny_model, tmp_path):
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{own.airflow_port}/execution/",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "LORAFLOW_GPU_IDS": GPUS, "LORAFLOW_GPU_SLOTS": "2", "LORAFLOW_GPU_REQUEST": "env",
+        "LORAFLOW_GPU_IDS": GPUS,
+        "LORAFLOW_GPU_SLOTS": "2",
+        "LORAFLOW_GPU_REQUEST": "env",
         "LORAFLOW_GPUS_ON_CPU": "1",  # the trainer refuses leased GPUs it cannot see, except under this stand-in
         "LORAFLOW_MAX_ACTIVE_RUNS": str(RUNS),
     }
 
     def cli(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'plugins'); from loraflow import gpus; gpus.ensure_pool()"],
-                   env=env, check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'plugins'); from loraflow import gpus; gpus.ensure_pool()",
+        ],
+        env=env,
+        check=True,
+        cwd=REPO,
+    )
     procs = []
     for component in ("api-server", "scheduler", "dag-processor"):
         extra = ["--port", str(own.airflow_port)] if component == "api-server" else []
         log = (tmp_path / f"{component}.log").open("wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "airflow", component, *extra], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "airflow", component, *extra],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     try:
-        wait_http(f"http://127.0.0.1:{own.airflow_port}/api/v2/monitor/health", 180, procs[0], tmp_path / "api-server.log")
+        wait_http(
+            f"http://127.0.0.1:{own.airflow_port}/api/v2/monitor/health", 180, procs[0], tmp_path / "api-server.log"
+        )
         deadline = time.monotonic() + 180
         while "loraflow_finetune" not in cli("dags", "list", "-o", "plain"):
             assert time.monotonic() < deadline, (tmp_path / "dag-processor.log").read_text()[-3000:]
@@ -87,11 +109,21 @@ def scheduler_stack(stack, mlflow_server, tiny_model, tmp_path):
 def _train_windows(docker_client, since: float, until: float) -> list[dict]:
     """(container, gpu, start, end) of each trainer container, from the engine's event log."""
     by_id: dict[str, dict] = {}
-    for ev in docker_client.events(since=int(since), until=int(until) + 1, decode=True,
-                                   filters={"type": "container", "label": "loraflow.dag_id=loraflow_finetune"}):
+    for ev in docker_client.events(
+        since=int(since),
+        until=int(until) + 1,
+        decode=True,
+        filters={"type": "container", "label": "loraflow.dag_id=loraflow_finetune"},
+    ):
         attrs = ev.get("Actor", {}).get("Attributes", {})
-        entry = by_id.setdefault(ev["id"], {"gpu": attrs.get("loraflow.gpu"), "run": attrs.get("loraflow.run_id"),
-                                            "task": attrs.get("loraflow.task_id")})
+        entry = by_id.setdefault(
+            ev["id"],
+            {
+                "gpu": attrs.get("loraflow.gpu"),
+                "run": attrs.get("loraflow.run_id"),
+                "task": attrs.get("loraflow.task_id"),
+            },
+        )
         if ev.get("status") == "start":
             entry["start"] = ev["timeNano"] / 1e9
         elif ev.get("status") == "die":
@@ -99,11 +131,19 @@ def _train_windows(docker_client, since: float, until: float) -> list[dict]:
     return list(by_id.values())
 
 
-def test_runs_triggered_at_once_queue_for_the_gpus_and_never_share_one(scheduler_stack, docker_client, trainer_image, mlflow_client):
+def test_runs_triggered_at_once_queue_for_the_gpus_and_never_share_one(
+    scheduler_stack, docker_client, trainer_image, mlflow_client
+):
     cli, airflow_home = scheduler_stack
     name = "concurrent-runs"
-    conf = {"dataset_path": str(SAMPLE_CHAT), "data_format": "chat", "registered_model_name": name,
-            "runtime": "docker", "gpus": "auto", **FAST}
+    conf = {
+        "dataset_path": str(SAMPLE_CHAT),
+        "data_format": "chat",
+        "registered_model_name": name,
+        "runtime": "docker",
+        "gpus": "auto",
+        **FAST,
+    }
     t0 = time.time()
     for _ in range(RUNS):
         cli("dags", "trigger", "loraflow_finetune", "-c", json.dumps(conf))
@@ -126,9 +166,11 @@ def test_runs_triggered_at_once_queue_for_the_gpus_and_never_share_one(scheduler
     assert all("start" in w and "end" in w for w in windows), windows
     assert all(w["gpu"] in GPUS.split(",") for w in windows), windows
     for i, a in enumerate(windows):
-        for b in windows[i + 1:]:
+        for b in windows[i + 1 :]:
             if a["gpu"] == b["gpu"]:
-                assert a["end"] <= b["start"] or b["end"] <= a["start"], f"two trainers on GPU {a['gpu']} at once: {windows}"
+                assert a["end"] <= b["start"] or b["end"] <= a["start"], (
+                    f"two trainers on GPU {a['gpu']} at once: {windows}"
+                )
     # At most two containers at a time (two GPUs), and the third run waited in the pool.
     events = sorted([(w["start"], 1) for w in windows] + [(w["end"], -1) for w in windows])
     running = peak = 0

@@ -25,15 +25,21 @@ def test_image_records_its_version_and_git_commit(docker_client, trainer_image):
 
 
 def test_trainer_runs_as_non_root_in_workspace_with_hf_cache_offline(docker_client, trainer_image):
-    code, out, err = run(docker_client, trainer_image,
-                         ["sh", "-c", 'id -u; id -g; pwd; echo "$HF_HOME $HF_HUB_OFFLINE"; touch /hf-cache/probe && echo writable'])
+    code, out, err = run(
+        docker_client,
+        trainer_image,
+        ["sh", "-c", 'id -u; id -g; pwd; echo "$HF_HOME $HF_HUB_OFFLINE"; touch /hf-cache/probe && echo writable'],
+    )
     assert code == 0, err
     assert out.split() == ["1000", "1000", "/workspace", "/hf-cache", "1", "writable"]
 
 
 def test_final_image_has_no_build_tools(docker_client, trainer_image):
-    code, out, _ = run(docker_client, trainer_image,
-                       ["sh", "-c", "for t in gcc cc make pip pip3 apt-get; do command -v $t >/dev/null && echo found:$t; done; true"])
+    code, out, _ = run(
+        docker_client,
+        trainer_image,
+        ["sh", "-c", "for t in gcc cc make pip pip3 apt-get; do command -v $t >/dev/null && echo found:$t; done; true"],
+    )
     assert code == 0
     # apt-get stays (it is part of the base OS); compilers and pip do not.
     assert [line for line in out.split() if line != "found:apt-get"] == []
@@ -46,8 +52,10 @@ def test_help_lists_the_exit_codes(docker_client, trainer_image):
 
 
 def test_training_stack_imports_on_cpu(docker_client, trainer_image):
-    probe = ("import json, torch, transformers, peft, accelerate, bitsandbytes, opacus, mlflow, pandas, pyarrow;"
-             "print(json.dumps({'torch': torch.__version__, 'cuda': torch.cuda.is_available(), 'peft': peft.__version__}))")
+    probe = (
+        "import json, torch, transformers, peft, accelerate, bitsandbytes, opacus, mlflow, pandas, pyarrow;"
+        "print(json.dumps({'torch': torch.__version__, 'cuda': torch.cuda.is_available(), 'peft': peft.__version__}))"
+    )
     code, out, err = run(docker_client, trainer_image, ["python", "-c", probe])
     assert code == 0, err[-2000:]
     info = json.loads(out.strip().splitlines()[-1])
@@ -57,7 +65,11 @@ def test_training_stack_imports_on_cpu(docker_client, trainer_image):
 def test_bad_job_exits_2_with_a_one_line_cause(docker_client, trainer_image, tmp_path):
     (tmp_path / "job.json").write_text(json.dumps({"model": {"base_model": ""}, "lora": {"lora_r": -3}}))
     tmp_path.chmod(0o755)  # the container's uid 1000 reads it
-    code, out, err = run(docker_client, trainer_image, ["loraflow-train", "--job", "/workspace/job.json"],
-                         volumes={str(tmp_path): {"bind": "/workspace", "mode": "ro"}})
+    code, out, err = run(
+        docker_client,
+        trainer_image,
+        ["loraflow-train", "--job", "/workspace/job.json"],
+        volumes={str(tmp_path): {"bind": "/workspace", "mode": "ro"}},
+    )
     assert code == 2, (out, err)
     assert "loraflow-train: error:" in err and "Traceback" not in err

@@ -33,7 +33,8 @@ def _pool_slots(run_id: str) -> int:
 
 
 def test_a_two_gpu_run_takes_two_pool_slots_two_devices_two_ranks_and_records_its_cost(
-        run_dag, monkeypatch, docker_client, trainer_image, mlflow_client, mlflow_server):
+    run_dag, monkeypatch, docker_client, trainer_image, mlflow_client, mlflow_server
+):
     from loraflow.workspace import Pipeline
 
     monkeypatch.setenv("LORAFLOW_GPU_IDS", "0,1,2")
@@ -48,9 +49,15 @@ def test_a_two_gpu_run_takes_two_pool_slots_two_devices_two_ranks_and_records_it
     run_id = Pipeline.load(ws).run_id
     assert _pool_slots(run_id) == 2  # the cluster policy sized the train task's slots from the run's gpus
 
-    starts = [ev for ev in docker_client.events(since=int(t0), until=int(time.time()) + 1, decode=True,
-                                                 filters={"type": "container", "event": "start",
-                                                          "label": f"loraflow.run_id={run_id}"})]
+    starts = [
+        ev
+        for ev in docker_client.events(
+            since=int(t0),
+            until=int(time.time()) + 1,
+            decode=True,
+            filters={"type": "container", "event": "start", "label": f"loraflow.run_id={run_id}"},
+        )
+    ]
     labels = [ev["Actor"]["Attributes"].get("loraflow.gpu") for ev in starts]  # train (and evaluate) containers
     assert labels and set(labels) == {"1,2"}, labels
 
@@ -68,7 +75,20 @@ def test_a_two_gpu_run_takes_two_pool_slots_two_devices_two_ranks_and_records_it
     assert float(tags["loraflow.cost"]) == pytest.approx(metrics["device_seconds"] / 3600 * 2.5, rel=1e-3, abs=1e-4)
     assert float(tags["loraflow.tokens_per_second_per_device"]) > 0
 
-    show = subprocess.run([sys.executable, "-m", "loraflow.cli", "--tracking-uri", mlflow_server, "models", "show",
-                           f"{name}/{mv.version}"], capture_output=True, text=True, timeout=120)
+    show = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraflow.cli",
+            "--tracking-uri",
+            mlflow_server,
+            "models",
+            "show",
+            f"{name}/{mv.version}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert show.returncode == 0, show.stderr[-2000:]
     assert "2 x cpu" in show.stdout and f"cost {tags['loraflow.cost']} USD" in show.stdout

@@ -23,8 +23,9 @@ def proxy_url(tmp_path, docker_client):
     port = free_port()
     cfg = (REPO / "deploy" / "socket-proxy" / "haproxy.cfg").read_text().replace("bind :2375", f"bind 127.0.0.1:{port}")
     (tmp_path / "haproxy.cfg").write_text(cfg)
-    proc = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -48,8 +49,12 @@ def test_trainer_calls_pass_and_exec_or_pull_are_refused(proxy_url, trainer_imag
     client = docker.APIClient(base_url=proxy_url, timeout=60)
     assert client.ping()
     assert client.images(name=trainer_image)  # DockerOperator's "is the image here" check
-    container = client.create_container(trainer_image, ["loraflow-train", "--help"], labels={"loraflow.run_id": "proxy-test"},
-                                        host_config=client.create_host_config(network_mode="none"))
+    container = client.create_container(
+        trainer_image,
+        ["loraflow-train", "--help"],
+        labels={"loraflow.run_id": "proxy-test"},
+        host_config=client.create_host_config(network_mode="none"),
+    )
     try:
         stream = client.attach(container["Id"], stdout=True, stderr=True, stream=True)
         client.start(container["Id"])

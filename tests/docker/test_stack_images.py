@@ -20,7 +20,9 @@ def _image(docker_client, key: str, default: str) -> str:
 
     images = {}
     if ENV_FILE.exists():
-        images = dict(line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line and not line.startswith("#"))
+        images = dict(
+            line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line and not line.startswith("#")
+        )
     tag = images.get(key, default)
     try:
         docker_client.images.get(tag)
@@ -48,19 +50,34 @@ def _run(docker_client, image: str, command: list[str], env: dict[str, str] | No
         status = container.wait(timeout=300)["StatusCode"]
         out = container.logs(stdout=True, stderr=False).decode()
         if status != 0:
-            raise AssertionError(f"{command} failed in {image} ({status}): {container.logs(stderr=True).decode()[-2000:]}")
+            raise AssertionError(
+                f"{command} failed in {image} ({status}): {container.logs(stderr=True).decode()[-2000:]}"
+            )
         return out
     finally:
         container.remove(force=True)
 
 
-def test_the_executor_the_compose_file_names_imports_and_its_worker_cli_starts(docker_client, airflow_image, compose_env):
+def test_the_executor_the_compose_file_names_imports_and_its_worker_cli_starts(
+    docker_client, airflow_image, compose_env
+):
     executor = compose_env["AIRFLOW__CORE__EXECUTOR"]
-    env = {"AIRFLOW__CORE__EXECUTOR": executor, "AIRFLOW__CELERY__BROKER_URL": compose_env["AIRFLOW__CELERY__BROKER_URL"]}
-    out = _run(docker_client, airflow_image, ["python", "-c",
-               "from airflow.executors.executor_loader import ExecutorLoader as L; cls, _ = L.import_default_executor_cls(); "
-               "import airflow.providers.celery.executors.celery_executor_utils as u; "
-               "print('executor', cls.__name__, 'app', u.app.main, 'broker', u.app.conf.broker_url)"], env)
+    env = {
+        "AIRFLOW__CORE__EXECUTOR": executor,
+        "AIRFLOW__CELERY__BROKER_URL": compose_env["AIRFLOW__CELERY__BROKER_URL"],
+    }
+    out = _run(
+        docker_client,
+        airflow_image,
+        [
+            "python",
+            "-c",
+            "from airflow.executors.executor_loader import ExecutorLoader as L; cls, _ = L.import_default_executor_cls(); "
+            "import airflow.providers.celery.executors.celery_executor_utils as u; "
+            "print('executor', cls.__name__, 'app', u.app.main, 'broker', u.app.conf.broker_url)",
+        ],
+        env,
+    )
     assert f"executor {executor}" in out and "broker redis://redis:6379/0" in out, out
     # The worker's own entry point parses and loads celery (what crash-looped with celery 5.7).
     help_text = _run(docker_client, airflow_image, ["airflow", "celery", "worker", "--help"], env)
@@ -69,28 +86,57 @@ def test_the_executor_the_compose_file_names_imports_and_its_worker_cli_starts(d
 
 def test_every_package_in_the_stack_images_is_pinned(docker_client, airflow_image):
     mlflow_image = _image(docker_client, "LORAFLOW_MLFLOW_IMAGE", "loraflow-mlflow:3.17.2")
-    out = _run(docker_client, airflow_image, ["python", "/opt/loraflow/deploy/check-pins.py", "/opt/loraflow/constraints.txt",
-                                              "/opt/loraflow/deploy/constraints-stack.txt"])
+    out = _run(
+        docker_client,
+        airflow_image,
+        [
+            "python",
+            "/opt/loraflow/deploy/check-pins.py",
+            "/opt/loraflow/constraints.txt",
+            "/opt/loraflow/deploy/constraints-stack.txt",
+        ],
+    )
     assert "are pinned" in out
-    versions = _run(docker_client, airflow_image, ["python", "-c", "import importlib.metadata as m; "
-                    "print(*(f'{d}=={m.version(d)}' for d in ('celery', 'kombu', 'apache-airflow-providers-celery', 'psycopg2-binary')))"])
+    versions = _run(
+        docker_client,
+        airflow_image,
+        [
+            "python",
+            "-c",
+            "import importlib.metadata as m; "
+            "print(*(f'{d}=={m.version(d)}' for d in ('celery', 'kombu', 'apache-airflow-providers-celery', 'psycopg2-binary')))",
+        ],
+    )
     pins = (REPO / "deploy" / "constraints-stack.txt").read_text()
     for pin in versions.split():
         assert pin in pins, (pin, versions)
-    assert "are pinned" in _run(docker_client, mlflow_image, ["python", "/opt/pins/check-pins.py", "/opt/pins/constraints.txt",
-                                                              "/opt/pins/constraints-stack.txt"])
+    assert "are pinned" in _run(
+        docker_client,
+        mlflow_image,
+        ["python", "/opt/pins/check-pins.py", "/opt/pins/constraints.txt", "/opt/pins/constraints-stack.txt"],
+    )
 
 
 @pytest.mark.parametrize("examples_env", ["image default", "unset"])
-def test_the_form_default_dataset_resolves_wherever_pip_installed_the_plugin(docker_client, airflow_image, compose_env, examples_env):
+def test_the_form_default_dataset_resolves_wherever_pip_installed_the_plugin(
+    docker_client, airflow_image, compose_env, examples_env
+):
     env = {"LORAFLOW_HOME": "/tmp/home", "LORAFLOW_DATA_ROOTS": compose_env["LORAFLOW_DATA_ROOTS"]}
     if examples_env == "unset":  # the wheel's own copy (share/loraflow/examples), no env var, no data roots set
         env = {"LORAFLOW_HOME": "/tmp/home", "LORAFLOW_EXAMPLES": "", "LORAFLOW_DATA_ROOTS": ""}
-    out = _run(docker_client, airflow_image, ["python", "-c",
-               "import loraflow, json; from loraflow import params, workspace; "
-               "default = params.build_params()['dataset_path'].value; "
-               "print(json.dumps({'module': loraflow.__file__, 'default': default, "
-               "'resolved': str(workspace.dataset_file(default, 'dataset_path'))}))"], env)
+    out = _run(
+        docker_client,
+        airflow_image,
+        [
+            "python",
+            "-c",
+            "import loraflow, json; from loraflow import params, workspace; "
+            "default = params.build_params()['dataset_path'].value; "
+            "print(json.dumps({'module': loraflow.__file__, 'default': default, "
+            "'resolved': str(workspace.dataset_file(default, 'dataset_path'))}))",
+        ],
+        env,
+    )
     found = json.loads(out.strip().splitlines()[-1])
     assert "site-packages" in found["module"]  # not an editable install
     assert found["resolved"].endswith("examples/data/sample_chat.jsonl"), found
@@ -98,13 +144,25 @@ def test_the_form_default_dataset_resolves_wherever_pip_installed_the_plugin(doc
 
 def test_the_admin_password_is_the_one_the_operator_set(docker_client, airflow_image):
     file = "/opt/airflow/simple_auth_manager_passwords.json"
-    out = _run(docker_client, airflow_image, ["cat", file],
-               {"AIRFLOW_ADMIN_PASSWORD": "operator-chosen-pw", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": file,
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin"})
+    out = _run(
+        docker_client,
+        airflow_image,
+        ["cat", file],
+        {
+            "AIRFLOW_ADMIN_PASSWORD": "operator-chosen-pw",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": file,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        },
+    )
     assert json.loads(out) == {"admin": "operator-chosen-pw"}
     from docker.errors import ContainerError
 
     with pytest.raises(ContainerError) as refused:
-        docker_client.containers.run(airflow_image, ["airflow", "api-server"], remove=True, network_mode="none",
-                                     environment={"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": file})
+        docker_client.containers.run(
+            airflow_image,
+            ["airflow", "api-server"],
+            remove=True,
+            network_mode="none",
+            environment={"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": file},
+        )
     assert b"AIRFLOW_ADMIN_PASSWORD" in refused.value.stderr

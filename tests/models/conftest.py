@@ -24,8 +24,13 @@ MODEL = "models-page-demo"
 USER, PASSWORD = "admin", "loraflow-test-pw"
 VIEWER, NOBODY = "viewer", "nobody"  # read-only role; signed in but holding no role at all
 EDITOR = "editor"  # role "user": the least role that may edit DAG runs, so may move an alias
-FAST = {"max_steps": 12, "learning_rate": 1e-2, "max_seq_length": 128, "num_sample_generations": 1,
-        "per_device_train_batch_size": 8}
+FAST = {
+    "max_steps": 12,
+    "learning_rate": 1e-2,
+    "max_seq_length": 128,
+    "num_sample_generations": 1,
+    "per_device_train_batch_size": 8,
+}
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +38,23 @@ def registered(stack, airflow_db, mlflow_server, tiny_model) -> dict:
     """The champion of MODEL after one real DAG run: {name, version, run_key, mlflow_run_id}."""
     from mlflow import MlflowClient
 
-    conf = {"dataset_path": str(SAMPLE_CHAT), "data_format": "chat", "registered_model_name": MODEL,
-            "runtime": "local", **FAST}
+    conf = {
+        "dataset_path": str(SAMPLE_CHAT),
+        "data_format": "chat",
+        "registered_model_name": MODEL,
+        "runtime": "local",
+        **FAST,
+    }
     state = stack.run_dag("loraflow_finetune", conf)
     assert state == "success"
     mv = MlflowClient(tracking_uri=mlflow_server).get_model_version_by_alias(MODEL, "champion")
-    return {"name": MODEL, "version": mv.version, "run_key": mv.tags["loraflow.run_key"],
-            "mlflow_run_id": mv.run_id, "tracking_uri": mlflow_server}
+    return {
+        "name": MODEL,
+        "version": mv.version,
+        "run_key": mv.tags["loraflow.run_key"],
+        "mlflow_run_id": mv.run_id,
+        "tracking_uri": mlflow_server,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +66,21 @@ def airflow_api(stack, airflow_db, mlflow_server, tmp_path_factory):
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps({USER: PASSWORD, VIEWER: PASSWORD, NOBODY: PASSWORD, EDITOR: PASSWORD}))
     port = free_port()
-    env = {**os.environ, **stack.env(), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin,{VIEWER}:viewer,{NOBODY}:,{EDITOR}:user",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords)}
+    env = {
+        **os.environ,
+        **stack.env(),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin,{VIEWER}:viewer,{NOBODY}:,{EDITOR}:user",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+    }
     log = home / "api-server.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port), "--workers", "1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "--port", str(port), "--workers", "1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", 150, proc, log)
         yield f"http://127.0.0.1:{port}"
@@ -70,8 +94,12 @@ def airflow_api(stack, airflow_db, mlflow_server, tmp_path_factory):
 
 def login(base: str, username: str = USER, password: str = PASSWORD) -> str:
     """A JWT from Airflow's token endpoint, as the login page gets one."""
-    req = urllib.request.Request(f"{base}/auth/token", data=json.dumps({"username": username, "password": password}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{base}/auth/token",
+        data=json.dumps({"username": username, "password": password}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)["access_token"]
 
@@ -100,19 +128,43 @@ def train_version(stack, mlflow_server, tiny_model, tmp_path_factory):
         if models_root is not None:
             base = models_root / tiny_model.name
             shutil.copytree(tiny_model, base)
-        (ws / "job.json").write_text(json.dumps({
-            "model": {"base_model": str(base)},
-            "data": {"train_path": str(SAMPLE_CHAT), "eval_path": str(SAMPLE_CHAT), "data_format": "chat"},
-            "training": {"max_steps": steps, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "max_seq_length": 128,
-                         "save_steps": 1000, "seed": seed},
-            "evaluation": {"num_sample_generations": 0},
-            "output_dir": "output"}))
+        (ws / "job.json").write_text(
+            json.dumps(
+                {
+                    "model": {"base_model": str(base)},
+                    "data": {"train_path": str(SAMPLE_CHAT), "eval_path": str(SAMPLE_CHAT), "data_format": "chat"},
+                    "training": {
+                        "max_steps": steps,
+                        "learning_rate": 1e-2,
+                        "per_device_train_batch_size": 8,
+                        "max_seq_length": 128,
+                        "save_steps": 1000,
+                        "seed": seed,
+                    },
+                    "evaluation": {"num_sample_generations": 0},
+                    "output_dir": "output",
+                }
+            )
+        )
         env = {**os.environ, "LORAFLOW_MODELS": str(models_root or tiny_model.parent)}
-        proc = subprocess.run([str(Path(sys.executable).parent / "loraflow-train"), "--job", str(ws / "job.json")],
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "loraflow-train"), "--job", str(ws / "job.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
-        reg = registry.register(mlflow_server, name=name, run_key=f"tests/{name}/{ws.name}", workspace=ws,
-                                params={"quantization": "none"}, tags={}, gate_metric="eval_loss", dataset_source=str(SAMPLE_CHAT))
+        reg = registry.register(
+            mlflow_server,
+            name=name,
+            run_key=f"tests/{name}/{ws.name}",
+            workspace=ws,
+            params={"quantization": "none"},
+            tags={},
+            gate_metric="eval_loss",
+            dataset_source=str(SAMPLE_CHAT),
+        )
         return reg.version
 
     return _train

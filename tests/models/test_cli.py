@@ -49,14 +49,19 @@ def test_list_shows_versions_with_aliases_metrics_and_lineage(registered, capsys
 def test_show_by_alias_and_by_version_agree(registered, capsys):
     _, by_alias, _ = run_cli(capsys, "models", "show", f"{registered['name']}@champion", "--json")
     _, by_version, _ = run_cli(capsys, "models", "show", f"{registered['name']}/{registered['version']}", "--json")
-    assert json.loads(by_alias)["mlflow_run_id"] == json.loads(by_version)["mlflow_run_id"] == registered["mlflow_run_id"]
+    assert (
+        json.loads(by_alias)["mlflow_run_id"] == json.loads(by_version)["mlflow_run_id"] == registered["mlflow_run_id"]
+    )
 
 
-@pytest.mark.parametrize("ref, says", [
-    ("{name}@production-eu", "has no alias 'production-eu' (aliases: challenger, champion)"),
-    ("{name}/99", "has no version 99 (versions: 1)"),
-    ("no-such-model@champion", "no registered model named 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "ref, says",
+    [
+        ("{name}@production-eu", "has no alias 'production-eu' (aliases: challenger, champion)"),
+        ("{name}/99", "has no version 99 (versions: 1)"),
+        ("no-such-model@champion", "no registered model named 'no-such-model'"),
+    ],
+)
 def test_unknown_names_aliases_and_versions_say_what_exists(registered, capsys, ref, says):
     code, out, err = run_cli(capsys, "models", "show", ref.format(name=registered["name"]))
     assert code == 1 and out == ""
@@ -64,8 +69,12 @@ def test_unknown_names_aliases_and_versions_say_what_exists(registered, capsys, 
 
 
 def test_unreachable_tracking_server_fails_fast_with_the_fix(registered, free_dead_uri):
-    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "--tracking-uri", free_dead_uri, "models", "list"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "--tracking-uri", free_dead_uri, "models", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3
     assert f"cannot reach the MLflow tracking server at {free_dead_uri}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -90,8 +99,18 @@ def test_pull_writes_adapter_schema_metrics_and_metadata(registered, capsys, tmp
 
 def test_promote_moves_the_alias_and_records_who_and_why(registered, capsys):
     name, version = registered["name"], registered["version"]
-    code, out, _ = run_cli(capsys, "models", "promote", name, version, "--alias", "production",
-                           "--reason", "passed the offline eval", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "models",
+        "promote",
+        name,
+        version,
+        "--alias",
+        "production",
+        "--reason",
+        "passed the offline eval",
+        "--json",
+    )
     assert code == 0
     from mlflow import MlflowClient
 
@@ -106,8 +125,17 @@ def test_promote_moves_the_alias_and_records_who_and_why(registered, capsys):
 
 
 def test_generate_loads_base_and_adapter_and_completes_a_prompt(registered, capsys):
-    code, out, err = run_cli(capsys, "models", "generate", f"{registered['name']}@champion",
-                             "--prompt", "What is the capital of France?", "--max-new-tokens", "8", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "models",
+        "generate",
+        f"{registered['name']}@champion",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["adapter"].startswith("Peft")  # the LoRA adapter is on the base model
@@ -115,6 +143,14 @@ def test_generate_loads_base_and_adapter_and_completes_a_prompt(registered, caps
 
 
 def test_generate_without_the_base_model_names_the_flag_to_pass(registered, capsys, tmp_path):
-    code, _, err = run_cli(capsys, "models", "generate", f"{registered['name']}@champion", "--prompt", "hi",
-                           "--base-model-path", str(tmp_path / "missing"))
+    code, _, err = run_cli(
+        capsys,
+        "models",
+        "generate",
+        f"{registered['name']}@champion",
+        "--prompt",
+        "hi",
+        "--base-model-path",
+        str(tmp_path / "missing"),
+    )
     assert code == 1 and "pass --base-model-path DIR" in err

@@ -33,11 +33,15 @@ def greedy(model, tok, prompt: str) -> list[int]:
 
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return out[0, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+        )
+    return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
-def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_adapter(exported, mlflow_server, tiny_model, capsys, tmp_path):
+def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_adapter(
+    exported, mlflow_server, tiny_model, capsys, tmp_path
+):
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +62,9 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
 
     info = registry.show(mlflow_server, ref)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_model, adapter_tok = inference.load(registry.download_model(mlflow_server, info, Path(tmp)), str(tiny_model))
+        adapter_model, adapter_tok = inference.load(
+            registry.download_model(mlflow_server, info, Path(tmp)), str(tiny_model)
+        )
     assert type(adapter_model).__name__.startswith("Peft")
     for prompt in PROMPTS:
         assert greedy(merged, tok, prompt) == greedy(adapter_model, adapter_tok, prompt), prompt
@@ -78,8 +84,13 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_base_plus_
     reg = result["registered"]
     mv = mc.get_model_version(reg["name"], reg["version"])
     assert reg["name"] == f"{exported['name']}-merged"
-    assert mv.tags["loraflow.source_version"] == exported["version"] and mv.tags["loraflow.base_sha256"] == weights_sha256(tiny_model)
-    assert mc.get_model_version(exported["name"], exported["version"]).tags["loraflow.merged_version"] == f"{reg['name']}/{reg['version']}"
+    assert mv.tags["loraflow.source_version"] == exported["version"] and mv.tags[
+        "loraflow.base_sha256"
+    ] == weights_sha256(tiny_model)
+    assert (
+        mc.get_model_version(exported["name"], exported["version"]).tags["loraflow.merged_version"]
+        == f"{reg['name']}/{reg['version']}"
+    )
 
 
 def test_peft_and_vllm_exports_hand_the_adapter_to_other_servers(exported, tiny_model, capsys, tmp_path):
@@ -104,8 +115,13 @@ def test_peft_and_vllm_exports_hand_the_adapter_to_other_servers(exported, tiny_
     bin_dir.mkdir()
     (bin_dir / "vllm").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     (bin_dir / "vllm").chmod(0o755)
-    argv = subprocess.run([str(out / "run.sh"), "--port", "9000"], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}).stdout.splitlines()
+    argv = subprocess.run(
+        [str(out / "run.sh"), "--port", "9000"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    ).stdout.splitlines()
     assert argv[:3] == ["serve", str(tiny_model.resolve()), "--enable-lora"]
     lora = argv[argv.index("--lora-modules") + 1]
     assert lora == f"{exported['name']}={out.resolve()}/adapter" and (out / "adapter" / "adapter_config.json").exists()

@@ -25,8 +25,12 @@ PROMPTS = ["What is the capital of France?", "What is 3 plus 4?"]
 
 def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict, Any]:
     """(status, JSON body, headers: case-insensitive ``headers["X-Name"]``) of one request."""
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.load(resp), resp.headers
@@ -40,10 +44,28 @@ def serving(uri: str, ref: str, *extra: str):
     from loraflow_devstack import free_port
 
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="loraflow-serve-", suffix=".log")  # a file: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "--tracking-uri", uri, "models", "serve", ref,
-                             "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    log = tempfile.NamedTemporaryFile(
+        "w+", prefix="loraflow-serve-", suffix=".log"
+    )  # a file: a full pipe would block the server
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraflow.cli",
+            "--tracking-uri",
+            uri,
+            "models",
+            "serve",
+            ref,
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     proc.log = log
     base = f"http://127.0.0.1:{port}"
     try:
@@ -87,34 +109,60 @@ def test_serve_answers_over_http_with_the_same_greedy_completion_as_generate(reg
     with serving(registered["tracking_uri"], ref) as (base, proc):
         assert http("GET", f"{base}/health")[:2] == (200, {"status": "ok"})
         status, models, _ = http("GET", f"{base}/v1/models")
-        assert status == 200 and models["data"][0]["id"] == registered["name"] and models["data"][0]["version"] == registered["version"]
+        assert (
+            status == 200
+            and models["data"][0]["id"] == registered["name"]
+            and models["data"][0]["version"] == registered["version"]
+        )
 
         for prompt, want in expected_chat.items():
-            status, body, headers = http("POST", f"{base}/v1/chat/completions", {
-                "model": registered["name"], "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0})
+            status, body, headers = http(
+                "POST",
+                f"{base}/v1/chat/completions",
+                {
+                    "model": registered["name"],
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
             assert status == 200, body
             assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
             assert headers["X-Loraflow-Model-Version"] == f"{registered['name']}/{registered['version']}"
             assert body["usage"]["completion_tokens"] <= 8
 
-        status, body, _ = http("POST", f"{base}/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+        status, body, _ = http(
+            "POST", f"{base}/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        )
         assert status == 200 and body["choices"][0]["text"] == expected_raw and body["object"] == "text_completion"
 
         # generation params are honoured: fewer tokens asked, fewer given; a stop string cuts the text
-        status, one, _ = http("POST", f"{base}/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0})
+        status, one, _ = http(
+            "POST", f"{base}/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0}
+        )
         assert status == 200 and one["usage"]["completion_tokens"] == 1
         if len(expected_raw) > 2:
             stop = expected_raw[1:3]
-            status, cut, _ = http("POST", f"{base}/v1/completions",
-                                  {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stop": [stop]})
-            assert cut["choices"][0]["text"] == expected_raw[:expected_raw.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+            status, cut, _ = http(
+                "POST",
+                f"{base}/v1/completions",
+                {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stop": [stop]},
+            )
+            assert (
+                cut["choices"][0]["text"] == expected_raw[: expected_raw.index(stop)]
+                and cut["choices"][0]["finish_reason"] == "stop"
+            )
 
         # bad requests get OpenAI-style errors naming the field
         status, err, _ = http("POST", f"{base}/v1/completions", {"prompt": "x", "stream": True})
         assert status == 400 and err["error"]["param"] == "stream"
         status, err, _ = http("POST", f"{base}/v1/completions", {"prompt": "x", "max_tokens": 10**6})
         assert status == 400 and "max_tokens" in err["error"]["message"]
-        status, err, _ = http("POST", f"{base}/v1/chat/completions", {"model": "someone-else", "messages": [{"role": "user", "content": "x"}]})
+        status, err, _ = http(
+            "POST",
+            f"{base}/v1/chat/completions",
+            {"model": "someone-else", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert status == 404 and "someone-else" in err["error"]["message"]
 
         proc.send_signal(signal.SIGTERM)  # a clean stop: exit 0 and a last line saying so
@@ -152,9 +200,23 @@ def test_alias_move_and_reload_change_the_answering_version_without_a_restart(re
 
 
 def test_serve_with_a_missing_base_fails_before_listening(registered, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "--tracking-uri", registered["tracking_uri"], "models", "serve",
-                           f"{registered['name']}@champion", "--base-model-path", str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraflow.cli",
+            "--tracking-uri",
+            registered["tracking_uri"],
+            "models",
+            "serve",
+            f"{registered['name']}@champion",
+            "--base-model-path",
+            str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "expected, not found" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
     assert "Traceback" not in proc.stderr

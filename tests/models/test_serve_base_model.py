@@ -24,7 +24,9 @@ def docker_style(train_version, tmp_path_factory) -> dict:
     return {"name": "portable-base-demo", "version": version, "trained_at": str(container_models / "tiny-llama")}
 
 
-def test_docker_style_version_loads_with_plain_mlflow_pyfunc_from_the_host_cache(docker_style, mlflow_server, monkeypatch):
+def test_docker_style_version_loads_with_plain_mlflow_pyfunc_from_the_host_cache(
+    docker_style, mlflow_server, monkeypatch
+):
     import mlflow
     import yaml
     from mlflow.artifacts import download_artifacts
@@ -41,8 +43,9 @@ def test_docker_style_version_loads_with_plain_mlflow_pyfunc_from_the_host_cache
     assert isinstance(completion, str) and not completion.startswith("What is 3 plus 4?")  # the completion only
 
 
-def test_a_base_whose_weights_changed_is_refused_with_expected_and_found_hashes(docker_style, mlflow_server, tiny_model,
-                                                                                 monkeypatch, tmp_path, capsys):
+def test_a_base_whose_weights_changed_is_refused_with_expected_and_found_hashes(
+    docker_style, mlflow_server, tiny_model, monkeypatch, tmp_path, capsys
+):
     import mlflow
     from safetensors.torch import load_file, save_file
 
@@ -63,15 +66,28 @@ def test_a_base_whose_weights_changed_is_refused_with_expected_and_found_hashes(
         mlflow.pyfunc.load_model(f"models:/{docker_style['name']}/{docker_style['version']}")
     assert type(refused.value).__name__ == BaseModelError.__name__
     message = str(refused.value)
-    assert expected in message and found in message and str(changed) in message and docker_style["trained_at"] in message
+    assert (
+        expected in message and found in message and str(changed) in message and docker_style["trained_at"] in message
+    )
 
-    code = main(["models", "generate", f"{docker_style['name']}/{docker_style['version']}", "--prompt", "hi",
-                 "--base-model-path", str(changed)])
+    code = main(
+        [
+            "models",
+            "generate",
+            f"{docker_style['name']}/{docker_style['version']}",
+            "--prompt",
+            "hi",
+            "--base-model-path",
+            str(changed),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and expected in err and found in err and "pass --base-model-path DIR" in err
 
 
-def test_registered_versions_record_the_base_portably_and_the_code_that_trained_them(registered, tiny_model, capsys, tmp_path):
+def test_registered_versions_record_the_base_portably_and_the_code_that_trained_them(
+    registered, tiny_model, capsys, tmp_path
+):
     from loraflow_trainer.base_model import weights_sha256
 
     code = main(["models", "show", f"{registered['name']}@champion", "--json"])
@@ -79,9 +95,14 @@ def test_registered_versions_record_the_base_portably_and_the_code_that_trained_
     assert code == 0
     assert lineage["base_ref"] == "tiny-llama" and lineage["base_sha256"] == weights_sha256(tiny_model)
     assert lineage["loraflow_version"] and lineage["trainer_version"]
-    assert re.fullmatch(r"[0-9a-f]{40}", lineage["git_commit"]) and re.fullmatch(r"[0-9a-f]{40}", lineage["trainer_git_commit"])
+    assert re.fullmatch(r"[0-9a-f]{40}", lineage["git_commit"]) and re.fullmatch(
+        r"[0-9a-f]{40}", lineage["trainer_git_commit"]
+    )
 
     main(["models", "pull", f"{registered['name']}@champion", "--dest", str(tmp_path / "pulled")])
     capsys.readouterr()
     metadata = json.loads((tmp_path / "pulled" / "metadata.json").read_text())
-    assert metadata["base_model_ref"]["name"] == "tiny-llama" and metadata["code"]["git_commit"] == lineage["trainer_git_commit"]
+    assert (
+        metadata["base_model_ref"]["name"] == "tiny-llama"
+        and metadata["code"]["git_commit"] == lineage["trainer_git_commit"]
+    )

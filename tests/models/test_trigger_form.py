@@ -46,7 +46,8 @@ def scheduled_airflow(stack, mlflow_server, tiny_model, tmp_path_factory):
     own = LocalStack(home=stack.home, repo=REPO, mlflow_port=stack.mlflow_port, airflow_port=free_port())
     (home / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
     env = {
-        **os.environ, **own.env(),
+        **os.environ,
+        **own.env(),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -58,14 +59,33 @@ def scheduled_airflow(stack, mlflow_server, tiny_model, tmp_path_factory):
     }
     env.pop("LORAFLOW_RUNTIME", None)  # the Runtime dropdown's default: the deployment's (local here)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'plugins'); from loraflow import gpus; gpus.ensure_pool()"],
-                   env=env, check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'plugins'); from loraflow import gpus; gpus.ensure_pool()",
+        ],
+        env=env,
+        check=True,
+        cwd=REPO,
+    )
     procs = []
     for component in ("api-server", "scheduler", "dag-processor"):
-        extra = ["--host", "127.0.0.1", "--port", str(own.airflow_port), "--workers", "1"] if component == "api-server" else []
+        extra = (
+            ["--host", "127.0.0.1", "--port", str(own.airflow_port), "--workers", "1"]
+            if component == "api-server"
+            else []
+        )
         with (home / f"{component}.log").open("wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", component, *extra], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "airflow", component, *extra],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     base = f"http://127.0.0.1:{own.airflow_port}"
     mc = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     try:
@@ -102,14 +122,20 @@ def browser():
 
 
 def _token(base: str) -> str:
-    req = urllib.request.Request(f"{base}/auth/token", data=json.dumps({"username": USER, "password": PASSWORD}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{base}/auth/token",
+        data=json.dumps({"username": USER, "password": PASSWORD}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)["access_token"]
 
 
 def _api(base: str, token: str, path: str) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    req = urllib.request.Request(
+        base + path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.load(resp)
@@ -147,13 +173,17 @@ def test_an_out_of_range_value_is_refused_by_the_form_before_any_run_exists(sche
     rank = dialog.locator("input[name=element_lora_r]")
     rank.fill("5000")
     dialog.get_by_role("button", name="Trigger").last.click()
-    refusal = dialog.get_by_text(re.compile(r"Invalid input for param lora_r: 5000 is greater than the maximum of 1024"))
+    refusal = dialog.get_by_text(
+        re.compile(r"Invalid input for param lora_r: 5000 is greater than the maximum of 1024")
+    )
     refusal.wait_for(timeout=30_000)
     assert rank.input_value() == "5000"  # kept as typed, not clamped behind the person's back
     assert _runs(base, token) == before
 
 
-def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progress(scheduled_airflow, browser, mlflow_server, tmp_path):
+def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progress(
+    scheduled_airflow, browser, mlflow_server, tmp_path
+):
     from mlflow import MlflowClient
 
     from loraflow import registry
@@ -171,21 +201,32 @@ def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progre
     _shot(browser, "trigger-form.png", tmp_path)
     trigger = dialog.get_by_role("button", name="Trigger").last
     assert trigger.is_enabled()  # as the form opens: every default is valid
-    with browser.page.expect_response(lambda r: r.url.endswith(f"/dags/{DAG_ID}/dagRuns") and r.request.method == "POST") as answer:
+    with browser.page.expect_response(
+        lambda r: r.url.endswith(f"/dags/{DAG_ID}/dagRuns") and r.request.method == "POST"
+    ) as answer:
         trigger.click()
     assert answer.value.status == 200, answer.value.text()
     run_id = answer.value.json()["dag_run_id"]
     assert run_id not in before
 
     deadline = time.monotonic() + 900
-    while (state := _api(base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}")[1].get("state")) not in ("success", "failed"):
+    while (
+        state := _api(base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}")[1].get("state")
+    ) not in ("success", "failed"):
         assert time.monotonic() < deadline, state
         time.sleep(5)
-    tis = {t["task_id"]: t["state"] for t in _api(base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances")[1]["task_instances"]}
+    tis = {
+        t["task_id"]: t["state"]
+        for t in _api(base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances")[1][
+            "task_instances"
+        ]
+    }
     assert state == "success", tis
 
     # The train task's log, as the UI's log view reads it.
-    status, log = _api(base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances/train/logs/1")
+    status, log = _api(
+        base, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances/train/logs/1"
+    )
     assert status == 200
     lines = [e["event"] if isinstance(e, dict) else str(e) for e in log["content"]]
     steps = [m for m in map(STEP_LINE.match, lines) if m]
@@ -205,14 +246,20 @@ def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progre
     browser.page.set_viewport_size({"width": 1400, "height": 560})
     browser.open(f"{base}/plugin/loraflow")
     frame = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
-    label = browser.wait_for(f"{frame} && {frame}.querySelector('svg.curve') && {frame}.querySelector('svg.curve').getAttribute('aria-label')")
+    label = browser.wait_for(
+        f"{frame} && {frame}.querySelector('svg.curve') && {frame}.querySelector('svg.curve').getAttribute('aria-label')"
+    )
     assert label.startswith("train loss") and f"over {total} steps ({total} points)" in label
     assert browser.screenshot(tmp_path / "models-page.png").stat().st_size > 10_000  # the README's picture is test_ui's
 
 
 def _post(base: str, token: str, path: str, body: dict) -> tuple[int, dict | str]:
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.load(resp)
@@ -244,7 +291,9 @@ def test_a_rest_conf_outside_the_form_fails_prepare_naming_every_key_and_nothing
     assert state == "failed" and tis["prepare"] == "failed", tis
     assert tis["train"] != "success" and tis["register"] != "success", tis
     status, log = _api(base, token, f"{path}/{quoted}/taskInstances/prepare/logs/1")
-    text = "\n".join(json.dumps(e) if isinstance(e, dict) else str(e) for e in log["content"])  # the error is in its fields
+    text = "\n".join(
+        json.dumps(e) if isinstance(e, dict) else str(e) for e in log["content"]
+    )  # the error is in its fields
     refusal = [line for line in text.splitlines() if "no_such_setting" in line]
     assert refusal, text[-3000:]
     assert all(key in refusal[0] for key in conf), refusal[0]  # one message names every key
@@ -259,8 +308,12 @@ def test_a_missing_base_model_is_named_as_a_model_directory(stack, airflow_db):
     from loraflow.errors import ParamsError
 
     with pytest.raises(ParamsError) as caught:
-        workspace.prepare({"dataset_path": "examples/data/sample_chat.jsonl", "data_format": "chat", "base_model": "no-such-model"},
-                          DAG_ID, "manual__missing-model", "manual")
+        workspace.prepare(
+            {"dataset_path": "examples/data/sample_chat.jsonl", "data_format": "chat", "base_model": "no-such-model"},
+            DAG_ID,
+            "manual__missing-model",
+            "manual",
+        )
     message = str(caught.value)
     assert "base_model 'no-such-model' does not exist" in message and "model directory" in message
     assert "upload the file" not in message

@@ -8,7 +8,6 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,12 @@ from tests.models.conftest import EDITOR, NOBODY, PASSWORD, USER, VIEWER, login
 
 pytestmark = pytest.mark.slow
 
-READ_URLS = ("/loraflow/", "/loraflow/api/runs", "/loraflow/mlflow-run?dag_id=loraflow_finetune&run_id=x",
-             "/loraflow/openapi.json")
+READ_URLS = (
+    "/loraflow/",
+    "/loraflow/api/runs",
+    "/loraflow/mlflow-run?dag_id=loraflow_finetune&run_id=x",
+    "/loraflow/openapi.json",
+)
 PROMOTE_MODEL = "ui-promote-demo"  # not the pipeline's model: the tests that read its champion stay as they were
 PROMOTE_ROUTE = "/api/models/{name}/versions/{version}/aliases/{alias}"
 PROMOTE = f"/loraflow/api/models/{PROMOTE_MODEL}/versions/2/aliases/champion"
@@ -27,9 +30,16 @@ PLUGIN_URLS = (*READ_URLS, "POST " + PROMOTE)
 REASON = {"reason": "better eval_loss on the held-out set"}
 
 
-def call(base: str, path: str, token: str | None = None, follow: bool = True, cookie: str | None = None,
-         body: dict | None = None):
+def call(
+    base: str,
+    path: str,
+    token: str | None = None,
+    follow: bool = True,
+    cookie: str | None = None,
+    body: dict | None = None,
+):
     """GET ``base + path``, or POST ``body`` as JSON when ``path`` starts with "POST "; (status, headers, text)."""
+
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None
@@ -105,7 +115,9 @@ def test_no_plugin_route_skips_the_permission_check():
 
 
 @pytest.mark.parametrize("path", PLUGIN_URLS)
-def test_plugin_endpoints_refuse_a_signed_in_user_without_permission_to_read_dag_runs(airflow_api, champion_on_v1, path):
+def test_plugin_endpoints_refuse_a_signed_in_user_without_permission_to_read_dag_runs(
+    airflow_api, champion_on_v1, path
+):
     token = login(airflow_api, NOBODY, PASSWORD)  # a valid login, but no role: no DAG run access
     status, _, body = call(airflow_api, path, token=token)
     assert status == 403, body
@@ -133,12 +145,20 @@ def test_plugin_endpoints_refuse_a_forged_token(airflow_api, champion_on_v1, pat
 
 
 @pytest.mark.parametrize("who", [EDITOR, USER])  # role user (the least that may) and admin
-def test_a_user_allowed_to_edit_dag_runs_moves_the_alias_with_a_bearer_token(airflow_api, champion_on_v1, promotable, who):
+def test_a_user_allowed_to_edit_dag_runs_moves_the_alias_with_a_bearer_token(
+    airflow_api, champion_on_v1, promotable, who
+):
     token = login(airflow_api, who, PASSWORD)
     status, _, body = post(airflow_api + PROMOTE, token=token)
     assert status == 200, body
-    assert json.loads(body) == {"name": PROMOTE_MODEL, "version": "2", "alias": "champion", "previous_version": "1",
-                                "promoted_by": who, "reason": REASON["reason"]}
+    assert json.loads(body) == {
+        "name": PROMOTE_MODEL,
+        "version": "2",
+        "alias": "champion",
+        "previous_version": "1",
+        "promoted_by": who,
+        "reason": REASON["reason"],
+    }
     assert champion_on_v1() == "2"  # really moved in MLflow
     tags = promotable.get_model_version(PROMOTE_MODEL, "2").tags
     assert tags["loraflow.promoted_by"] == who and tags["loraflow.promotion_reason"] == REASON["reason"]
@@ -160,15 +180,28 @@ def test_a_cookie_alone_cannot_move_an_alias(airflow_api, champion_on_v1):
     assert champion_on_v1() == "1"
 
 
-@pytest.mark.parametrize("path, body, code, says", [
-    ("/loraflow/api/models/no-such-model/versions/1/aliases/champion", REASON, 404, "no registered model named 'no-such-model'"),
-    (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/42/aliases/champion", REASON, 404, "has no version 42 (versions: 1, 2)"),
-    (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/two/aliases/champion", REASON, 400, "is not a version number"),
-    (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/2/aliases/latest", REASON, 400, "is not a valid alias"),
-    (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/2/aliases/v1", REASON, 400, "refused to set alias 'v1'"),
-    (PROMOTE, {"reason": "  "}, 400, "a promotion needs a reason"),
-    (PROMOTE, {}, 422, "reason"),
-])
+@pytest.mark.parametrize(
+    "path, body, code, says",
+    [
+        (
+            "/loraflow/api/models/no-such-model/versions/1/aliases/champion",
+            REASON,
+            404,
+            "no registered model named 'no-such-model'",
+        ),
+        (
+            f"/loraflow/api/models/{PROMOTE_MODEL}/versions/42/aliases/champion",
+            REASON,
+            404,
+            "has no version 42 (versions: 1, 2)",
+        ),
+        (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/two/aliases/champion", REASON, 400, "is not a version number"),
+        (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/2/aliases/latest", REASON, 400, "is not a valid alias"),
+        (f"/loraflow/api/models/{PROMOTE_MODEL}/versions/2/aliases/v1", REASON, 400, "refused to set alias 'v1'"),
+        (PROMOTE, {"reason": "  "}, 400, "a promotion needs a reason"),
+        (PROMOTE, {}, 422, "reason"),
+    ],
+)
 def test_a_promotion_of_what_is_not_there_or_not_allowed_says_why(airflow_api, champion_on_v1, path, body, code, says):
     status, _, text = post(airflow_api + path, token=login(airflow_api), body=body)
     assert status == code and says in text, text
@@ -177,14 +210,20 @@ def test_a_promotion_of_what_is_not_there_or_not_allowed_says_why(airflow_api, c
 
 def test_promotion_says_which_tracking_server_is_down(airflow_db, monkeypatch, free_dead_uri):
     """The api-server's MLflow cannot be stopped for one test; the route itself is called against a dead URI."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from fastapi import HTTPException
 
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from loraflow.ui import app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", free_dead_uri)
     with pytest.raises(HTTPException) as caught:
-        app.promote_version(PROMOTE_MODEL, "2", "champion", app.Promotion(**REASON), SimpleAuthManagerUser(username="admin", role="admin"))
+        app.promote_version(
+            PROMOTE_MODEL,
+            "2",
+            "champion",
+            app.Promotion(**REASON),
+            SimpleAuthManagerUser(username="admin", role="admin"),
+        )
     assert caught.value.status_code == 503
     assert f"cannot reach the MLflow tracking server at {free_dead_uri}" in caught.value.detail
 
@@ -199,9 +238,13 @@ def test_signed_in_user_sees_the_registered_version_in_the_airflow_ui(airflow_ap
         browser.set_cookie(airflow_api, "_token", token)  # what Airflow's login page leaves in the browser
         browser.open(f"{airflow_api}/plugin/loraflow")  # the nav entry: Airflow's UI with our page in its iframe
         frame = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
-        text = browser.wait_for(f"{frame} && {frame}.body && {frame}.body.innerText.includes({registered['name']!r}) && {frame}.body.innerText")
+        text = browser.wait_for(
+            f"{frame} && {frame}.body && {frame}.body.innerText.includes({registered['name']!r}) && {frame}.body.innerText"
+        )
         assert f"v{registered['version']}" in text and "champion" in text and "eval_loss" in text
-        href = browser.js(f"[...{frame}.querySelectorAll('a')].map(a => a.href).find(h => h.includes('/runs/{registered['mlflow_run_id']}'))")
+        href = browser.js(
+            f"[...{frame}.querySelectorAll('a')].map(a => a.href).find(h => h.includes('/runs/{registered['mlflow_run_id']}'))"
+        )
         assert href and href.startswith(registered["tracking_uri"])  # the link to the MLflow run
         assert browser.js("document.body.innerText").count("Browse")  # inside Airflow's own chrome
         shot = browser.screenshot(tmp_path / "models-page.png")
@@ -225,8 +268,11 @@ def test_mlflow_run_extra_link_leads_to_the_run_of_that_dag_run(airflow_api, reg
     assert status == 307
     assert headers["Location"].endswith(f"/runs/{registered['mlflow_run_id']}")
 
-    status, _, body = get(airflow_api + "/loraflow/mlflow-run?dag_id=loraflow_finetune&run_id=never-ran",
-                          token=login(airflow_api), follow=False)
+    status, _, body = get(
+        airflow_api + "/loraflow/mlflow-run?dag_id=loraflow_finetune&run_id=never-ran",
+        token=login(airflow_api),
+        follow=False,
+    )
     assert status == 404 and "has not logged to MLflow yet" in body
 
 
@@ -245,10 +291,13 @@ def test_train_and_register_tasks_carry_the_mlflow_run_link(airflow_db):
     from airflow.serialization.serialized_objects import DagSerialization
 
     dag = DagBag(dag_folder=str(REPO / "dags")).get_dag("loraflow_finetune")
-    tasks = {(t.get("__var") or t)["task_id"]: (t.get("__var") or t) for t in DagSerialization.to_dict(dag)["dag"]["tasks"]}
+    tasks = {
+        (t.get("__var") or t)["task_id"]: (t.get("__var") or t) for t in DagSerialization.to_dict(dag)["dag"]["tasks"]
+    }
     for task_id in ("train", "register"):
         assert tasks[task_id].get("_operator_extra_links") == {"MLflow run": "_link_MlflowRunLink"}, (
-            f"{task_id} has no 'MLflow run' extra link: set operator_extra_links = (MlflowRunLink(),)")
+            f"{task_id} has no 'MLflow run' extra link: set operator_extra_links = (MlflowRunLink(),)"
+        )
 
 
 def test_page_still_lists_the_runs_and_says_why_when_mlflow_is_down(airflow_db, registered, free_dead_uri):

@@ -6,8 +6,13 @@ import pytest
 
 from tests.conftest import REPO, SAMPLE_CHAT
 
-FAST = {"max_steps": 12, "learning_rate": 1e-2, "max_seq_length": 128, "num_sample_generations": 1,
-        "per_device_train_batch_size": 8}
+FAST = {
+    "max_steps": 12,
+    "learning_rate": 1e-2,
+    "max_seq_length": 128,
+    "num_sample_generations": 1,
+    "per_device_train_batch_size": 8,
+}
 
 
 def load_dag():
@@ -57,7 +62,9 @@ def task_states(dr) -> dict[str, str]:
     from sqlalchemy import select
 
     with create_session() as session:
-        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dr.dag_id, TaskInstance.run_id == dr.run_id)).all()
+        tis = session.scalars(
+            select(TaskInstance).where(TaskInstance.dag_id == dr.dag_id, TaskInstance.run_id == dr.run_id)
+        ).all()
         return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
 
 
@@ -68,8 +75,14 @@ def workspace_of(dr):
 
 
 def conf(name: str, **overrides) -> dict:
-    return {"dataset_path": str(SAMPLE_CHAT), "data_format": "chat", "registered_model_name": name,
-            "runtime": "local", **FAST, **overrides}
+    return {
+        "dataset_path": str(SAMPLE_CHAT),
+        "data_format": "chat",
+        "registered_model_name": name,
+        "runtime": "local",
+        **FAST,
+        **overrides,
+    }
 
 
 @pytest.fixture

@@ -16,8 +16,13 @@ from tests.conftest import REPO
 
 def cli(uri: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "loraflow.cli", "--tracking-uri", uri, "models", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "--tracking-uri", uri, "models", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -27,8 +32,12 @@ def three_versions(mlflow_server, mlflow_client):
     exp = mlflow_client.create_experiment(f"loraflow/{name}")
     for i in range(3):
         run = mlflow_client.create_run(exp)
-        mlflow_client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                           tags={registry.RUN_KEY: f"loraflow_finetune/run-{i + 1}"})
+        mlflow_client.create_model_version(
+            name,
+            f"{run.info.artifact_uri}/model",
+            run_id=run.info.run_id,
+            tags={registry.RUN_KEY: f"loraflow_finetune/run-{i + 1}"},
+        )
     return name
 
 
@@ -55,7 +64,12 @@ def test_rollback_and_history_round_trip(mlflow_server, mlflow_client, three_ver
     h = json.loads(out.stdout)
     assert h["aliases"] == {"champion": "1"}
     assert [(m["kind"], m["from"], m["to"]) for m in h["moves"]] == [
-        ("promote", None, "1"), ("promote", "1", "2"), ("promote", "2", "3"), ("rollback", "3", "2"), ("rollback", "2", "1")]
+        ("promote", None, "1"),
+        ("promote", "1", "2"),
+        ("promote", "2", "3"),
+        ("rollback", "3", "2"),
+        ("rollback", "2", "1"),
+    ]
     assert h["moves"][3]["reason"] == "v3 answers in the wrong format" and h["moves"][3]["by"]
     table = cli(mlflow_server, "history", name)
     assert table.returncode == 0 and "rollback" in table.stdout and "v3 answers in the wrong format" in table.stdout

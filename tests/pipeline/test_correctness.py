@@ -31,12 +31,24 @@ CHAT_ROWS = [json.loads(line) for line in SAMPLE_CHAT.read_text().splitlines()]
 
 
 def _prepare(run_id: str, **extra):
-    return workspace.prepare({"dataset_path": str(SAMPLE_CHAT), "base_model": "tiny-llama", "data_format": "chat", **extra},
-                             config.DAG_ID, run_id, "manual")
+    return workspace.prepare(
+        {"dataset_path": str(SAMPLE_CHAT), "base_model": "tiny-llama", "data_format": "chat", **extra},
+        config.DAG_ID,
+        run_id,
+        "manual",
+    )
 
 
-@pytest.mark.parametrize("pair", [("manual__a:b", "manual__a_b"), ("manual__x+1", "manual__x_1"),
-                                  ("m" * 200 + "-one", "m" * 200 + "-two"), ("run.", "run"), ("é", "_")])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("manual__a:b", "manual__a_b"),
+        ("manual__x+1", "manual__x_1"),
+        ("m" * 200 + "-one", "m" * 200 + "-two"),
+        ("run.", "run"),
+        ("é", "_"),
+    ],
+)
 def test_run_ids_that_fold_alike_get_their_own_workspaces(pair, tiny_model):
     a, b = (_prepare(run_id) for run_id in pair)
     assert a.workspace != b.workspace
@@ -69,8 +81,15 @@ def test_a_retried_prepare_of_the_same_run_reuses_its_workspace(tiny_model):
 
 
 def _job(fmt: str, ef: float = 0.1, **training) -> spec.JobSpec:
-    return spec.from_flat({"base_model": "x", "train_path": "data/train.parquet", "data_format": fmt,
-                           "eval_path": "data/eval.parquet" if ef > 0 else None, **training})
+    return spec.from_flat(
+        {
+            "base_model": "x",
+            "train_path": "data/train.parquet",
+            "data_format": fmt,
+            "eval_path": "data/eval.parquet" if ef > 0 else None,
+            **training,
+        }
+    )
 
 
 def _check_and_preprocess(path: Path, fmt: str, tmp_path: Path, ef: float = 0.1, tokenizer=None, **training):
@@ -92,15 +111,23 @@ def _csv_quoted(cells: list[str], newline: bytes = b"\n") -> bytes:
 SAME_AS_SAMPLE = {
     "messages-as-json-in-csv": lambda p: pd.DataFrame({"messages": _messages_text(CHAT_ROWS)}).to_csv(p, index=False),
     "messages-as-json-in-parquet": lambda p: pd.DataFrame({"messages": _messages_text(CHAT_ROWS)}).to_parquet(p),
-    "messages-as-list-in-parquet": lambda p: pd.DataFrame({"messages": [r["messages"] for r in CHAT_ROWS]}).to_parquet(p),
+    "messages-as-list-in-parquet": lambda p: pd.DataFrame({"messages": [r["messages"] for r in CHAT_ROWS]}).to_parquet(
+        p
+    ),
     "bom-jsonl": lambda p: p.write_bytes(b"\xef\xbb\xbf" + SAMPLE_CHAT.read_bytes()),
     "crlf-jsonl": lambda p: p.write_bytes(SAMPLE_CHAT.read_bytes().replace(b"\n", b"\r\n")),
     "crlf-csv": lambda p: p.write_bytes(_csv_quoted(_messages_text(CHAT_ROWS), b"\r\n")),
     "bom-csv": lambda p: p.write_bytes(b"\xef\xbb\xbf" + _csv_quoted(_messages_text(CHAT_ROWS))),
     "upper-suffix": lambda p: p.write_bytes(SAMPLE_CHAT.read_bytes()),
 }
-SUFFIX = {"messages-as-json-in-csv": ".csv", "messages-as-json-in-parquet": ".parquet", "messages-as-list-in-parquet": ".parquet",
-          "crlf-csv": ".csv", "bom-csv": ".csv", "upper-suffix": ".JSONL"}
+SUFFIX = {
+    "messages-as-json-in-csv": ".csv",
+    "messages-as-json-in-parquet": ".parquet",
+    "messages-as-list-in-parquet": ".parquet",
+    "crlf-csv": ".csv",
+    "bom-csv": ".csv",
+    "upper-suffix": ".JSONL",
+}
 
 
 @pytest.mark.parametrize("case", sorted(SAME_AS_SAMPLE))
@@ -112,7 +139,11 @@ def test_the_same_chat_data_in_another_container_passes_and_gives_the_same_examp
     (tmp_path / "plain").mkdir()
     expected, _ = _check_and_preprocess(SAMPLE_CHAT, "chat", tmp_path / "plain", tokenizer=tokenizer)
     got, ws = _check_and_preprocess(path, "chat", tmp_path, tokenizer=tokenizer)
-    assert (got.train_rows, got.eval_rows, got.fingerprint) == (expected.train_rows, expected.eval_rows, expected.fingerprint)
+    assert (got.train_rows, got.eval_rows, got.fingerprint) == (
+        expected.train_rows,
+        expected.eval_rows,
+        expected.fingerprint,
+    )
     written = pd.read_parquet(ws / "data" / "train.parquet")["messages"].map(json.loads).tolist()
     assert all(isinstance(m, list) and m[-1]["role"] == "assistant" for m in written)
 
@@ -174,14 +205,28 @@ REFUSED_DATASETS = {
     "empty-file": (b"", "chat", "empty_dataset"),
     "only-blank-lines": (b"\n   \n\t\n", "chat", "empty_dataset"),
     "csv-header-only": (b"messages\n", "chat", "empty_dataset"),
-    "column-the-spec-names-is-missing": (b'{"prompt": "a", "answer": "b"}\n' * 30, "prompt_completion", "missing_columns"),
+    "column-the-spec-names-is-missing": (
+        b'{"prompt": "a", "answer": "b"}\n' * 30,
+        "prompt_completion",
+        "missing_columns",
+    ),
     "numbers-as-text": (b"".join(b'{"text": %d}\n' % i for i in range(30)), "text", "column 'text' holds int64"),
-    "mixed-types": (b"".join((b'{"text": %d}\n' % i) if i % 2 else (b'{"text": "row %d"}\n' % i) for i in range(30)),
-                    "text", "column 'text' holds int values"),
-    "messages-json-not-a-list": (_csv_quoted(['{"role": "user"}'] * 3 + _messages_text(CHAT_ROWS[:30])), "chat", "malformed_messages"),
+    "mixed-types": (
+        b"".join((b'{"text": %d}\n' % i) if i % 2 else (b'{"text": "row %d"}\n' % i) for i in range(30)),
+        "text",
+        "column 'text' holds int values",
+    ),
+    "messages-json-not-a-list": (
+        _csv_quoted(['{"role": "user"}'] * 3 + _messages_text(CHAT_ROWS[:30])),
+        "chat",
+        "malformed_messages",
+    ),
     "messages-not-json": (_csv_quoted(["not json"] + _messages_text(CHAT_ROWS[:30])), "chat", "malformed_messages"),
-    "whitespace-only-completion": (b"".join(b'{"prompt": "q%d", "completion": "\\u00a0\\t"}\n' % i for i in range(30)),
-                                   "prompt_completion", "blank_text"),
+    "whitespace-only-completion": (
+        b"".join(b'{"prompt": "q%d", "completion": "\\u00a0\\t"}\n' % i for i in range(30)),
+        "prompt_completion",
+        "blank_text",
+    ),
 }
 
 
@@ -191,7 +236,9 @@ def test_data_that_cannot_train_is_refused_by_the_check_naming_the_cause(case, t
     path = tmp_path / (f"{case}.csv" if content.startswith(b"messages") else f"{case}.jsonl")
     path.write_bytes(content)
     with pytest.raises(DataCheckError) as err:
-        checks.check(path, fmt, max_seq_length=512, min_rows=1, tokenizer_json=None, report_path=tmp_path / "report.json")
+        checks.check(
+            path, fmt, max_seq_length=512, min_rows=1, tokenizer_json=None, report_path=tmp_path / "report.json"
+        )
     assert says in str(err.value), str(err.value)
     assert "store these columns as strings" not in str(err.value)
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
@@ -203,7 +250,9 @@ def test_data_that_cannot_train_is_refused_by_the_check_naming_the_cause(case, t
 @pytest.mark.slow
 def test_a_trigger_conf_with_names_outside_the_form_fails_at_prepare(dag):
     """Airflow merges a trigger conf into the params, unknown names included: prepare sees them."""
-    dr = load_dag().test(run_conf={**conf("conf-outside-form"), "trust_remote_code": True, "prompt_column": "q", "foo": 1})
+    dr = load_dag().test(
+        run_conf={**conf("conf-outside-form"), "trust_remote_code": True, "prompt_column": "q", "foo": 1}
+    )
     tis = task_states(dr)
     assert dr.state == "failed", tis
     assert tis["prepare"] == "failed" and tis["train"] == "upstream_failed" and tis["outcome"] == "failed", tis
@@ -234,7 +283,9 @@ def test_chat_stored_as_json_text_in_csv_trains_and_registers(run_dag, data_dir,
 
 
 @pytest.mark.slow
-def test_train_marked_failed_by_an_operator_fails_the_dag_run_though_teardown_succeeds(run_dag, monkeypatch, mlflow_client):
+def test_train_marked_failed_by_an_operator_fails_the_dag_run_though_teardown_succeeds(
+    run_dag, monkeypatch, mlflow_client
+):
     """An operator marks train failed (Airflow's own set_task_instance_state, what the REST
     PATCH calls) while register runs: register and teardown succeed, the run must not."""
     from airflow.models.dagbag import DBDagBag
@@ -248,8 +299,9 @@ def test_train_marked_failed_by_an_operator_fails_the_dag_run_though_teardown_su
     def register_while_train_is_marked_failed(ws, train_result, context):
         with create_session() as session:
             dag = DBDagBag().get_latest_version_of_dag(config.DAG_ID, session=session)
-            dag.set_task_instance_state(task_id="train", run_id=context["dag_run"].run_id, state=TaskInstanceState.FAILED,
-                                        session=session)
+            dag.set_task_instance_state(
+                task_id="train", run_id=context["dag_run"].run_id, state=TaskInstanceState.FAILED, session=session
+            )
         return real_register(ws, train_result, context)
 
     monkeypatch.setattr(tasks, "register", register_while_train_is_marked_failed)
@@ -260,5 +312,7 @@ def test_train_marked_failed_by_an_operator_fails_the_dag_run_though_teardown_su
 
 @pytest.mark.slow
 def test_a_good_run_still_ends_success_with_the_outcome_task(run_dag):
-    state, tis, _ = run_dag(conf("outcome-good", dataset_path=str(SAMPLE_PC), data_format="prompt_completion", max_steps=2))
+    state, tis, _ = run_dag(
+        conf("outcome-good", dataset_path=str(SAMPLE_PC), data_format="prompt_completion", max_steps=2)
+    )
     assert state == "success" and tis["outcome"] == "success", tis

@@ -63,13 +63,31 @@ def test_scheduled_rerun_of_the_same_data_registers_nothing(dag, run_dag, mlflow
     from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunType
 
-    def as_scheduled(*, dag, run_id, logical_date, data_interval, run_after, conf, triggered_by,
-                     triggering_user_name, start_date, session):
+    def as_scheduled(
+        *,
+        dag,
+        run_id,
+        logical_date,
+        data_interval,
+        run_after,
+        conf,
+        triggered_by,
+        triggering_user_name,
+        start_date,
+        session,
+    ):
         return dag.create_dagrun(
-            run_id=run_id.replace("manual__", "scheduled__"), logical_date=run_after,
+            run_id=run_id.replace("manual__", "scheduled__"),
+            logical_date=run_after,
             data_interval=(run_after, run_after),
-            run_after=run_after, conf=conf, run_type=DagRunType.SCHEDULED, state=DagRunState.RUNNING,
-            triggered_by=triggered_by, triggering_user_name=None, start_date=start_date or run_after, session=session,
+            run_after=run_after,
+            conf=conf,
+            run_type=DagRunType.SCHEDULED,
+            state=DagRunState.RUNNING,
+            triggered_by=triggered_by,
+            triggering_user_name=None,
+            start_date=start_date or run_after,
+            session=session,
         )
 
     monkeypatch.setattr(dagrun_mod, "get_or_create_dagrun", as_scheduled)
@@ -91,22 +109,44 @@ def _chat_row(user: str, assistant: str) -> bytes:
 
 # case -> (what the dataset file holds, its format, the rule the check must name, extra conf)
 BAD_DATASETS = {
-    "undecodable": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30))
-                    + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
-                    "chat", "line 31", {}),
-    "duplicates": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 40) + _sample_lines(SAMPLE_CHAT, 5)), "chat",
-                   "duplicates", {}),
+    "undecodable": (
+        lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+        "chat",
+        "line 31",
+        {},
+    ),
+    "duplicates": (
+        lambda: b"".join(_sample_lines(SAMPLE_CHAT, 40) + _sample_lines(SAMPLE_CHAT, 5)),
+        "chat",
+        "duplicates",
+        {},
+    ),
     "missing_column": (lambda: b'{"text": "hello"}\n' * 30, "chat", "missing_columns", {}),
     "too_few_rows": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 5)), "chat", "min_rows", {}),
-    "too_long": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + _chat_row("tell me everything", "blah " * 600),
-                 "chat", "too_long", {}),
-    "blank_completion": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30))
-                         + b'{"prompt": "say hi", "completion": "   "}\n',
-                         "prompt_completion", "blank_text", {}),
-    "null_prompt": (lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": null, "completion": "hi"}\n',
-                    "prompt_completion", "null_text", {}),
-    "train_eval_leakage": (lambda: b"".join(_sample_lines(SAMPLE_CHAT, 60)), "chat", "train_eval_leakage",
-                           {"eval_dataset_path": "LEAKY_EVAL"}),
+    "too_long": (
+        lambda: b"".join(_sample_lines(SAMPLE_CHAT, 30)) + _chat_row("tell me everything", "blah " * 600),
+        "chat",
+        "too_long",
+        {},
+    ),
+    "blank_completion": (
+        lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": "say hi", "completion": "   "}\n',
+        "prompt_completion",
+        "blank_text",
+        {},
+    ),
+    "null_prompt": (
+        lambda: b"".join(_sample_lines(SAMPLE_PC, 30)) + b'{"prompt": null, "completion": "hi"}\n',
+        "prompt_completion",
+        "null_text",
+        {},
+    ),
+    "train_eval_leakage": (
+        lambda: b"".join(_sample_lines(SAMPLE_CHAT, 60)),
+        "chat",
+        "train_eval_leakage",
+        {"eval_dataset_path": "LEAKY_EVAL"},
+    ),
 }
 
 
@@ -153,9 +193,19 @@ def test_failing_training_still_runs_teardown_and_marks_the_mlflow_run_failed(ru
     assert not (ws / "output" / "_SUCCESS").exists()
 
 
-INVALID_PARAMS = [{"lora_r": 0}, {"quantization": "3bit"}, {"learning_rate": -1}, {"max_seq_length": 4},
-                  {"registered_model_name": "../x"}, {"gpus": "all; rm -rf /"}, {"dp_target_epsilon": 0},
-                  {"runtime": "kubernetes"}, {"eval_fraction": 0.9}, {"max_steps": "ten"}, {"data_format": "xml"}]
+INVALID_PARAMS = [
+    {"lora_r": 0},
+    {"quantization": "3bit"},
+    {"learning_rate": -1},
+    {"max_seq_length": 4},
+    {"registered_model_name": "../x"},
+    {"gpus": "all; rm -rf /"},
+    {"dp_target_epsilon": 0},
+    {"runtime": "kubernetes"},
+    {"eval_fraction": 0.9},
+    {"max_steps": "ten"},
+    {"data_format": "xml"},
+]
 
 
 def test_invalid_trigger_params_are_rejected_before_a_run_exists(dag, airflow_db):
@@ -181,11 +231,33 @@ def test_trigger_form_has_typed_sectioned_params_named_like_the_job_spec(dag):
 
     flat = spec.from_flat({"base_model": "x", "train_path": "t.parquet"}).flat_params()
     form = {name: dag.params.get_param(name) for name in dag.params}
-    for name in ("base_model", "data_format", "lora_r", "lora_alpha", "quantization", "num_train_epochs", "max_steps",
-                 "learning_rate", "max_seq_length", "dp_enabled", "dp_target_epsilon"):
+    for name in (
+        "base_model",
+        "data_format",
+        "lora_r",
+        "lora_alpha",
+        "quantization",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "max_seq_length",
+        "dp_enabled",
+        "dp_target_epsilon",
+    ):
         assert name in flat, name  # one name for one thing: the Param is the job spec field
-    for name in ("dataset_path", "registered_model_name", "promotion_metric", "runtime", "gpus", "base_model",
-                 "lora_r", "quantization", "learning_rate", "dp_enabled", "dp_target_epsilon"):
+    for name in (
+        "dataset_path",
+        "registered_model_name",
+        "promotion_metric",
+        "runtime",
+        "gpus",
+        "base_model",
+        "lora_r",
+        "quantization",
+        "learning_rate",
+        "dp_enabled",
+        "dp_target_epsilon",
+    ):
         p = form[name]
         assert p.schema.get("type") and p.schema.get("title") and p.description and p.schema.get("section"), name
     assert set(form["quantization"].schema["enum"]) >= {"none", "4bit", "8bit"}
@@ -195,8 +267,16 @@ def test_trigger_form_has_typed_sectioned_params_named_like_the_job_spec(dag):
     assert "minimum" not in form["lora_r"].schema and "maximum" not in form["lora_r"].schema
     assert "1 to 1,024" in form["lora_r"].description  # the range is stated where the person types
     sections = [form[name].schema["section"] for name in dag.params]
-    assert list(dict.fromkeys(sections)) == ["Data", "Model", "LoRA", "Training", "Privacy", "Evaluation", "Registry",
-                                             "Runtime"]
+    assert list(dict.fromkeys(sections)) == [
+        "Data",
+        "Model",
+        "LoRA",
+        "Training",
+        "Privacy",
+        "Evaluation",
+        "Registry",
+        "Runtime",
+    ]
     # Every default is valid as the form opens: nothing required is empty, dropdowns name their default.
     for name in dag.params:
         p = form[name]
@@ -209,11 +289,21 @@ def test_each_setting_is_described_once_in_its_field_and_the_form_docs_and_cli_r
     from loraflow import params
     from loraflow_trainer import spec
 
-    fields = {**{n: f for m in (spec.ModelSpec, spec.DataSpec, spec.LoraSpec, spec.TrainingSpec, spec.PrivacySpec,
-                                spec.EvalSpec) for n, f in m.model_fields.items()},
-              **params.PipelineSettings.model_fields}
-    cli = subprocess.run([sys.executable, "-m", "loraflow.cli", "params", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    fields = {
+        **{
+            n: f
+            for m in (spec.ModelSpec, spec.DataSpec, spec.LoraSpec, spec.TrainingSpec, spec.PrivacySpec, spec.EvalSpec)
+            for n, f in m.model_fields.items()
+        },
+        **params.PipelineSettings.model_fields,
+    }
+    cli = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "params", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     listed = {row["name"]: row for row in json.loads(cli.stdout)}
     assert list(listed) == list(dag.params)
@@ -246,8 +336,9 @@ def test_dagbag_imports_cleanly_without_the_training_stack():
     assert heavy_line == "HEAVY="
 
 
-def test_register_retried_after_mlflow_went_down_registers_exactly_once(run_dag, mlflow_server, mlflow_client,
-                                                                        monkeypatch):
+def test_register_retried_after_mlflow_went_down_registers_exactly_once(
+    run_dag, mlflow_server, mlflow_client, monkeypatch
+):
     """MLflow is down when register starts, then dies again right after it committed the new
     version: the retries register the outputs left on disk, and only one version exists."""
     name = "flaky-registry"

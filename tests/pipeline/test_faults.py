@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -31,10 +31,12 @@ def small_output_volume():
     """Mount a 256 KiB tmpfs where a run's output/ will be (the disk that fills up)."""
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    run_after = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    run_after = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     out = workspace.run_dir(config.DAG_ID, _run_id(run_after)) / "output"
     out.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -75,8 +77,9 @@ def test_register_refuses_an_adapter_corrupted_after_training(run_dag, mlflow_cl
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the weights, as a bad disk or a stray writer would leave
     adapter.write_bytes(bytes(data))
-    (ws / "pipeline.json").write_text((ws / "pipeline.json").read_text().replace(
-        '"run_id": "', '"run_id": "retrained-', 1))  # a different run key: register would create a new version
+    (ws / "pipeline.json").write_text(
+        (ws / "pipeline.json").read_text().replace('"run_id": "', '"run_id": "retrained-', 1)
+    )  # a different run key: register would create a new version
 
     with pytest.raises(AirflowFailException, match="does not match its checksum"):
         tasks.register(str(ws), None, {"ti": None})

@@ -29,7 +29,9 @@ def sums(n: int, seed: int, answer=None) -> list[dict]:
 
 def split_files(data_dir, stem: str, rows: list[dict], n_eval: int):
     train, ev = rows[n_eval:], rows[:n_eval]
-    return str(write_jsonl(data_dir / f"{stem}_train.jsonl", train)), str(write_jsonl(data_dir / f"{stem}_eval.jsonl", ev))
+    return str(write_jsonl(data_dir / f"{stem}_train.jsonl", train)), str(
+        write_jsonl(data_dir / f"{stem}_eval.jsonl", ev)
+    )
 
 
 def aliases(client, name) -> dict[str, str]:
@@ -65,7 +67,9 @@ def test_gate_follows_the_same_exam_where_the_recorded_numbers_say_otherwise(run
     ev = json.loads((ws / "output" / "eval.json").read_text())
     assert ev["champion"]["status"] == "compared" and ev["champion"]["version"] == "1"
     assert ev["models"]["challenger"]["eval_loss"] < ev["models"]["champion"]["eval_loss"]
-    assert len(ev["models"]["challenger"]["losses"]) == len(ev["models"]["champion"]["losses"]) == ev["n_examples"] == 16
+    assert (
+        len(ev["models"]["challenger"]["losses"]) == len(ev["models"]["champion"]["losses"]) == ev["n_examples"] == 16
+    )
     assert aliases(mlflow_client, name) == {"champion": "2", "challenger": "2"}
     tags = version(mlflow_client, name, "2").tags
     assert tags[gate.TAG_DECISION] == "promote" and tags[gate.TAG_CHAMPION] == "1"
@@ -74,7 +78,10 @@ def test_gate_follows_the_same_exam_where_the_recorded_numbers_say_otherwise(run
     assert "same 16 examples" in tags[registry.PROMOTION_REASON]
     # the report and the raw scores are artifacts of v2's MLflow run
     run_id = version(mlflow_client, name, "2").run_id
-    assert {a.path for a in mlflow_client.list_artifacts(run_id, "evaluation")} == {"evaluation/eval.json", gate.REPORT_ARTIFACT}
+    assert {a.path for a in mlflow_client.list_artifacts(run_id, "evaluation")} == {
+        "evaluation/eval.json",
+        gate.REPORT_ARTIFACT,
+    }
     report = mlflow_client.download_artifacts(run_id, gate.REPORT_ARTIFACT)
     html = open(report).read()
     assert "promoted to champion" in html and "<svg" in html
@@ -90,14 +97,18 @@ def test_gate_follows_the_same_exam_where_the_recorded_numbers_say_otherwise(run
 def test_better_loss_but_a_failed_behaviour_case_stays_challenger(run_dag, mlflow_client, data_dir):
     name = "gate-behaviour"
     suite = data_dir / "suite_no_banana.jsonl"
-    suite.write_text(json.dumps({"id": "no-banana", "prompt": "What is 2 plus 2?", "must_not_contain": "banana"}) + "\n")
+    suite.write_text(
+        json.dumps({"id": "no-banana", "prompt": "What is 2 plus 2?", "must_not_contain": "banana"}) + "\n"
+    )
     # v1: one tiny step, practically the base model, which never says "banana"
     state, tis, _ = run_dag(conf(name, max_steps=1, learning_rate=1e-5, behaviour_suite_path=str(suite)))
     assert state == "success", tis
     assert aliases(mlflow_client, name)["champion"] == "1"
     # v2 learns to answer everything with bananas: far lower loss on its exam, and it fails the case
     b_train, b_eval = split_files(data_dir, "banana", sums(60, seed=3, answer=lambda a, b: "banana banana."), 12)
-    state, tis, ws = run_dag(conf(name, dataset_path=b_train, eval_dataset_path=b_eval, behaviour_suite_path=str(suite)))
+    state, tis, ws = run_dag(
+        conf(name, dataset_path=b_train, eval_dataset_path=b_eval, behaviour_suite_path=str(suite))
+    )
     assert state == "success", tis
     ev = json.loads((ws / "output" / "eval.json").read_text())
     ch, champ = ev["models"]["challenger"], ev["models"]["champion"]

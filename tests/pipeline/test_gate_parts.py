@@ -12,11 +12,17 @@ from loraflow.errors import ParamsError
 
 def ev(challenger, champion=None, ch_cases=(), champ_cases=(), status="compared"):
     def model(losses, cases):
-        return {"losses": list(losses), "eval_loss": sum(losses) / len(losses),
-                "behaviour": [{"id": i, "passed": p, "failures": [] if p else ["x"]} for i, p in cases]}
+        return {
+            "losses": list(losses),
+            "eval_loss": sum(losses) / len(losses),
+            "behaviour": [{"id": i, "passed": p, "failures": [] if p else ["x"]} for i, p in cases],
+        }
 
-    out = {"n_examples": len(challenger), "models": {"challenger": model(challenger, ch_cases)},
-           "champion": {"status": status, "version": "4" if status != "none" else None, "reason": "r"}}
+    out = {
+        "n_examples": len(challenger),
+        "models": {"challenger": model(challenger, ch_cases)},
+        "champion": {"status": status, "version": "4" if status != "none" else None, "reason": "r"},
+    }
     if champion is not None:
         out["models"]["champion"] = model(champion, champ_cases)
     return out
@@ -46,7 +52,9 @@ def test_behaviour_regressions_block_unless_allowed_and_failures_the_champion_sh
     better = [x - 0.5 for x in base]
     d = gate.decide(ev(better, base, ch_cases=[("a", False), ("b", False)], champ_cases=[("a", True), ("b", False)]))
     assert not d.promote and "a" in d.numbers["behaviour_regressions"] and "b" not in d.numbers["behaviour_regressions"]
-    assert gate.decide(ev(better, base, ch_cases=[("a", False)], champ_cases=[("a", True)]), allow_behaviour_regressions=True).promote
+    assert gate.decide(
+        ev(better, base, ch_cases=[("a", False)], champ_cases=[("a", True)]), allow_behaviour_regressions=True
+    ).promote
     assert gate.decide(ev(better, base, ch_cases=[("b", False)], champ_cases=[("b", False)])).promote
 
 

@@ -30,10 +30,16 @@ def traps(tmp_path_factory) -> dict[str, str]:
     (outside / "stolen.jsonl").write_text('{"text": "secret"}\n')
     (outside / "model").mkdir()
     (outside / "model" / "config.json").write_text("{}")
-    links = {"file": data_root / "innocent.jsonl", "dir": data_root / "innocent-dir",
-             "model": config.models_dir() / "innocent-model"}
-    for link, target in ((links["file"], outside / "stolen.jsonl"), (links["dir"], outside),
-                         (links["model"], outside / "model")):
+    links = {
+        "file": data_root / "innocent.jsonl",
+        "dir": data_root / "innocent-dir",
+        "model": config.models_dir() / "innocent-model",
+    }
+    for link, target in (
+        (links["file"], outside / "stolen.jsonl"),
+        (links["dir"], outside),
+        (links["model"], outside / "model"),
+    ):
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(target)
@@ -86,10 +92,18 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize(("override", "says"), HOSTILE, ids=[f"{i:02d}-{next(iter(o))}" for i, (o, _) in enumerate(HOSTILE)])
+@pytest.mark.parametrize(
+    ("override", "says"), HOSTILE, ids=[f"{i:02d}-{next(iter(o))}" for i, (o, _) in enumerate(HOSTILE)]
+)
 def test_hostile_param_is_refused_before_anything_is_written(override, says, traps, tiny_model):
     override = {k: _untrap(v, traps) for k, v in override.items()}
-    conf = {"dataset_path": str(SAMPLE_CHAT), "base_model": "tiny-llama", "data_format": "chat", "runtime": "docker", **override}
+    conf = {
+        "dataset_path": str(SAMPLE_CHAT),
+        "base_model": "tiny-llama",
+        "data_format": "chat",
+        "runtime": "docker",
+        **override,
+    }
     run_id = f"hostile__{abs(hash(repr(override)))}"
     with pytest.raises(ParamsError) as err:
         workspace.prepare(conf, config.DAG_ID, run_id, "manual")
@@ -116,12 +130,24 @@ def test_the_same_params_without_the_trap_are_accepted(tiny_model):
 def test_no_code_runs_a_shell():
     """Commands are argument lists everywhere: no shell=True, os.system or os.popen in the source."""
     offenders = []
-    for path in [*REPO.joinpath("plugins").rglob("*.py"), *REPO.joinpath("dags").rglob("*.py"),
-                 *REPO.joinpath("trainer_image").rglob("*.py"), *REPO.joinpath("scripts").rglob("*.py")]:
+    for path in [
+        *REPO.joinpath("plugins").rglob("*.py"),
+        *REPO.joinpath("dags").rglob("*.py"),
+        *REPO.joinpath("trainer_image").rglob("*.py"),
+        *REPO.joinpath("scripts").rglob("*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.keyword) and node.arg == "shell" and getattr(node.value, "value", False) is not False:
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "shell"
+                and getattr(node.value, "value", False) is not False
+            ):
                 offenders.append(f"{path}:{node.lineno} shell=")
-            if isinstance(node, ast.Attribute) and node.attr in ("system", "popen") and getattr(node.value, "id", "") == "os":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("system", "popen")
+                and getattr(node.value, "id", "") == "os"
+            ):
                 offenders.append(f"{path}:{node.lineno} os.{node.attr}")
     assert offenders == []
 
@@ -168,22 +194,42 @@ def _not_form_params() -> list[tuple[dict, str]]:
         ({"trust_remote_code": True}, "LORAFLOW_TRUST_REMOTE_CODE"),
         ({"train_path": "/etc/passwd"}, "dataset_path"),
         ({"prompt_column": "question"}, "prompt_column"),
-        ({"labels": {"dag_id": "other"}}, "labels"), ({"spec_version": 99}, "spec_version"),
-        ({"data_fingerprint": "0" * 64}, "data_fingerprint"), ({"model": {"trust_remote_code": True}}, "model"),
-        ({"__class__": 1}, "__class__"), ({"": 1}, "''"), ({"x" * 500: 1}, "xxxx"), ({"params": {"lora_r": 8}}, "params"),
-        ({"max_steps ": 5}, "max_steps "), ({"MAX_STEPS": 5}, "MAX_STEPS"), ({"lora-r": 8}, "lora-r"),
+        ({"labels": {"dag_id": "other"}}, "labels"),
+        ({"spec_version": 99}, "spec_version"),
+        ({"data_fingerprint": "0" * 64}, "data_fingerprint"),
+        ({"model": {"trust_remote_code": True}}, "model"),
+        ({"__class__": 1}, "__class__"),
+        ({"": 1}, "''"),
+        ({"x" * 500: 1}, "xxxx"),
+        ({"params": {"lora_r": 8}}, "params"),
+        ({"max_steps ": 5}, "max_steps "),
+        ({"MAX_STEPS": 5}, "MAX_STEPS"),
+        ({"lora-r": 8}, "lora-r"),
     ]
     return cases
 
 
-CONF_CORPUS = _schema_breakers() + _not_form_params() + [
-    ({"max_steps": 10**7}, "max_steps"), ({"max_steps": 1_000_001}, "max_steps"),
-    ({"seed": 2**32}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": -1}, "seed"),
-    ({"eval_fraction": 0.9}, "eval_fraction"), ({"min_rows": 0}, "min_rows"), ({"promotion_metric": "accuracy"}, "promotion_metric"),
-]
+CONF_CORPUS = (
+    _schema_breakers()
+    + _not_form_params()
+    + [
+        ({"max_steps": 10**7}, "max_steps"),
+        ({"max_steps": 1_000_001}, "max_steps"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"eval_fraction": 0.9}, "eval_fraction"),
+        ({"min_rows": 0}, "min_rows"),
+        ({"promotion_metric": "accuracy"}, "promotion_metric"),
+    ]
+)
 
 
-@pytest.mark.parametrize(("override", "says"), CONF_CORPUS, ids=[f"{i:03d}-{str(next(iter(o)))[:20]}" for i, (o, _) in enumerate(CONF_CORPUS)])
+@pytest.mark.parametrize(
+    ("override", "says"),
+    CONF_CORPUS,
+    ids=[f"{i:03d}-{str(next(iter(o)))[:20]}" for i, (o, _) in enumerate(CONF_CORPUS)],
+)
 def test_a_conf_outside_the_form_is_refused_by_prepare(override, says, tiny_model):
     conf = {"dataset_path": str(SAMPLE_CHAT), "base_model": "tiny-llama", "data_format": "chat", **override}
     run_id = f"conf__{abs(hash(repr(sorted(override.items(), key=str))))}"
@@ -195,8 +241,14 @@ def test_a_conf_outside_the_form_is_refused_by_prepare(override, says, tiny_mode
 
 
 def test_one_message_names_every_key_that_is_not_a_form_param(tiny_model):
-    conf = {"dataset_path": str(SAMPLE_CHAT), "base_model": "tiny-llama", "trust_remote_code": True,
-            "prompt_column": "q", "eval_path": "x.parquet", "command": "id"}
+    conf = {
+        "dataset_path": str(SAMPLE_CHAT),
+        "base_model": "tiny-llama",
+        "trust_remote_code": True,
+        "prompt_column": "q",
+        "eval_path": "x.parquet",
+        "command": "id",
+    }
     with pytest.raises(ParamsError) as err:
         workspace.prepare(conf, config.DAG_ID, "conf__many", "manual")
     msg = str(err.value)
@@ -217,7 +269,9 @@ def test_the_form_names_are_the_names_prepare_accepts(tiny_model):
 
     assert params.form_names() == frozenset(params.build_params())
     conf = {name: p.value for name, p in params.build_params().items()}
-    conf.update(dataset_path=str(SAMPLE_CHAT), base_model="tiny-llama", data_format="chat", max_steps=1_000_000, seed=2**32 - 1)
+    conf.update(
+        dataset_path=str(SAMPLE_CHAT), base_model="tiny-llama", data_format="chat", max_steps=1_000_000, seed=2**32 - 1
+    )
     pipeline = workspace.prepare(conf, config.DAG_ID, "conf__all-form-params", "manual")
     job = workspace.load_job(pipeline.workspace)
     assert job.training.max_steps == 1_000_000 and job.training.seed == 2**32 - 1
@@ -266,8 +320,15 @@ def _odd_file(kind: str, root: Path) -> str:
     return str(path)
 
 
-ODD_FILES = [("fifo", "named pipe"), ("dir", "directory"), ("loop", "symlink loop"), ("device", "device"),
-             ("devnull-link", "outside the allowed roots"), ("socket", "socket"), ("unreadable", "not readable")]
+ODD_FILES = [
+    ("fifo", "named pipe"),
+    ("dir", "directory"),
+    ("loop", "symlink loop"),
+    ("device", "device"),
+    ("devnull-link", "outside the allowed roots"),
+    ("socket", "socket"),
+    ("unreadable", "not readable"),
+]
 
 
 @pytest.mark.parametrize(("kind", "says"), ODD_FILES, ids=[k for k, _ in ODD_FILES])
@@ -294,6 +355,10 @@ def test_dataset_suffixes_in_any_case_are_accepted(name, data_dir, tiny_model):
         pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in rows]}).to_csv(path, index=False)
     else:
         pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in rows]}).to_parquet(path)
-    pipeline = workspace.prepare({"dataset_path": str(path), "base_model": "tiny-llama", "data_format": "chat"},
-                                 config.DAG_ID, f"suffix__{name}", "manual")
+    pipeline = workspace.prepare(
+        {"dataset_path": str(path), "base_model": "tiny-llama", "data_format": "chat"},
+        config.DAG_ID,
+        f"suffix__{name}",
+        "manual",
+    )
     assert pipeline.dataset_path == str(path)

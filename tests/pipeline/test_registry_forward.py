@@ -84,8 +84,12 @@ def two_runs(dag, mlflow_server):
     older = load_dag().test(run_conf=conf(NAME, max_steps=1, learning_rate=1e-5), logical_date=now - timedelta(hours=1))
     newer = load_dag().test(run_conf=conf(NAME), logical_date=now)
     assert older.state == "success" and newer.state == "success", (task_states(older), task_states(newer))
-    return {"a": older.run_id, "b": newer.run_id, "ws_a": run_dir(older.dag_id, older.run_id),
-            "ws_b": run_dir(newer.dag_id, newer.run_id)}
+    return {
+        "a": older.run_id,
+        "b": newer.run_id,
+        "ws_a": run_dir(older.dag_id, older.run_id),
+        "ws_b": run_dir(newer.dag_id, newer.run_id),
+    }
 
 
 def test_rerun_register_of_an_older_run_leaves_both_aliases_on_the_newer_version(two_runs, mlflow_client):
@@ -116,7 +120,9 @@ def test_clearing_train_of_a_registered_run_is_refused_and_keeps_its_registered_
     # What the train task's log says (the same check, asked directly).
     from airflow.sdk.exceptions import AirflowFailException
 
-    with pytest.raises(AirflowFailException, match="already registered as version 2 of forward-only.*trigger a new DAG run"):
+    with pytest.raises(
+        AirflowFailException, match="already registered as version 2 of forward-only.*trigger a new DAG run"
+    ):
         tasks.refuse_retrain_of_registered(Pipeline.load(ws))
 
 
@@ -132,6 +138,8 @@ def test_register_refuses_a_workspace_whose_outputs_differ_from_its_registered_v
 
     _, tis = clear_and_rerun(two_runs["a"], "register")
     assert tis["register"] == "failed", tis
-    with pytest.raises(AirflowFailException, match="is not what version 1 of forward-only holds.*trigger a new DAG run"):
+    with pytest.raises(
+        AirflowFailException, match="is not what version 1 of forward-only holds.*trigger a new DAG run"
+    ):
         tasks.register(str(ws_a), None, {"ti": None})
     assert _versions(mlflow_client) == ["1", "2"] and _aliases(mlflow_client) == {"champion": "2", "challenger": "2"}

@@ -17,7 +17,7 @@ from loraflow import registry
 from loraflow.params import MODEL_NAME_PATTERN
 
 FORM_NAME = "Org.team_model-v1.2"  # every kind of character the form allows
-QUOTED = "o'brien \"q\" model"  # both quotes: no quoting MLflow's parser reads back exactly
+QUOTED = 'o\'brien "q" model'  # both quotes: no quoting MLflow's parser reads back exactly
 DECOY = "o_brien _q_ model"  # what the LIKE pattern written for QUOTED also matches
 
 
@@ -27,8 +27,9 @@ def _add_version(mc, name: str, run_key: str) -> str:
     exp = mc.get_experiment_by_name(registry.experiment_name(name))
     exp_id = exp.experiment_id if exp else mc.create_experiment(registry.experiment_name(name))
     run = mc.create_run(exp_id, tags={registry.RUN_KEY: run_key})
-    return mc.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                   tags={registry.RUN_KEY: run_key}).version
+    return mc.create_model_version(
+        name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags={registry.RUN_KEY: run_key}
+    ).version
 
 
 def _assert_one_version_on_both_paths(uri: str, mc, name: str) -> None:

@@ -41,7 +41,11 @@ def pytest_collection_modifyitems(config, items):
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.docker)
             if os.environ.get("LORAFLOW_STACK_TEST") != "1":
-                item.add_marker(pytest.mark.skip(reason="the compose stack test runs with `make stack-test` (LORAFLOW_STACK_TEST=1)"))
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason="the compose stack test runs with `make stack-test` (LORAFLOW_STACK_TEST=1)"
+                    )
+                )
 
 
 @dataclass
@@ -61,7 +65,9 @@ class Stack:
         cmd = [compose_binary(), "-p", PROJECT, "-f", str(REPO / "docker-compose.yaml"), *args]
         proc = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return proc
 
     def up(self, *extra: str) -> float:
@@ -69,7 +75,9 @@ class Stack:
         proc = self.compose("up", "-d", "--wait", "--wait-timeout", "900", *extra, check=False)
         if proc.returncode != 0:
             logs = self.compose("logs", "--tail", "40", check=False).stdout
-            raise AssertionError(f"compose up failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n--- logs ---\n{logs[-8000:]}")
+            raise AssertionError(
+                f"compose up failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n--- logs ---\n{logs[-8000:]}"
+            )
         self._token = ""
         return time.monotonic() - start
 
@@ -83,8 +91,9 @@ class Stack:
     # ---- Airflow REST API --------------------------------------------------------------
     def token(self) -> str:
         if not self._token:
-            self._token = _request("POST", f"{self.airflow}/auth/token",
-                                   {"username": "admin", "password": self.password})["access_token"]
+            self._token = _request(
+                "POST", f"{self.airflow}/auth/token", {"username": "admin", "password": self.password}
+            )["access_token"]
         return self._token
 
     def api(self, method: str, path: str, body: dict | None = None):
@@ -106,12 +115,18 @@ class Stack:
 
     def task_instances(self, run_id: str) -> dict[str, dict]:
         tis = self.api("GET", f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances?limit=100")["task_instances"]
-        return {ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis}
+        return {
+            ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis
+        }
 
     def task_log(self, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
         path = f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}?full_content=true&map_index={map_index}"
-        body = _request("GET", f"{self.airflow}/api/v2{path}", None,
-                        {"Authorization": f"Bearer {self.token()}", "Accept": "application/json"})
+        body = _request(
+            "GET",
+            f"{self.airflow}/api/v2{path}",
+            None,
+            {"Authorization": f"Bearer {self.token()}", "Accept": "application/json"},
+        )
         content = body.get("content", body)
         if isinstance(content, list):
             return "\n".join(e.get("event", "") if isinstance(e, dict) else str(e) for e in content)
@@ -142,8 +157,9 @@ def _q(value: str) -> str:
 
 def _request(method: str, url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 60):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -169,13 +185,24 @@ def stack(tiny_model) -> Stack:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLOW_", "AIRFLOW_", "MLFLOW_", "AIRFLOW__"))}
     password = secrets.token_hex(12)
     airflow_port, mlflow_port = _free_port(), _free_port()
-    env = {**clean, **images,
-           "AIRFLOW_JWT_SECRET": secrets.token_hex(32), "AIRFLOW_ADMIN_PASSWORD": password,
-           "AIRFLOW_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
-           "LORAFLOW_HOST_HOME": str(home), "AIRFLOW_PORT": str(airflow_port), "MLFLOW_PORT": str(mlflow_port),
-           "LORAFLOW_GPU_SLOTS": "1"}
-    s = Stack(env=env, home=home, airflow=f"http://127.0.0.1:{airflow_port}", mlflow=f"http://127.0.0.1:{mlflow_port}",
-              password=password)
+    env = {
+        **clean,
+        **images,
+        "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW_ADMIN_PASSWORD": password,
+        "AIRFLOW_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "LORAFLOW_HOST_HOME": str(home),
+        "AIRFLOW_PORT": str(airflow_port),
+        "MLFLOW_PORT": str(mlflow_port),
+        "LORAFLOW_GPU_SLOTS": "1",
+    }
+    s = Stack(
+        env=env,
+        home=home,
+        airflow=f"http://127.0.0.1:{airflow_port}",
+        mlflow=f"http://127.0.0.1:{mlflow_port}",
+        password=password,
+    )
     s.compose("down", "-v", "--remove-orphans", check=False)
     try:
         s.timings["up_first_s"] = round(s.up(), 1)

@@ -16,8 +16,16 @@ import pytest
 from loraflow import registry
 
 MODEL = "loraflow-model"  # the form's default registered_model_name
-LINEAGE = (registry.RUN_KEY, registry.DAG_ID, registry.RUN_ID, registry.FINGERPRINT, registry.BASE_MODEL,
-           registry.IMAGE, registry.IMAGE_DIGEST, registry.RUNTIME)
+LINEAGE = (
+    registry.RUN_KEY,
+    registry.DAG_ID,
+    registry.RUN_ID,
+    registry.FINGERPRINT,
+    registry.BASE_MODEL,
+    registry.IMAGE,
+    registry.IMAGE_DIGEST,
+    registry.RUNTIME,
+)
 
 
 def _versions_of(stack, run_id: str) -> list[dict]:
@@ -78,8 +86,9 @@ def test_form_default_and_docker_runs_train_through_celery_and_the_socket_proxy_
     assert "/containers/create" in proxy and "/wait" in proxy, proxy[-2000:]
     assert " 403 " not in proxy, [line for line in proxy.splitlines() if " 403 " in line][:5]
     # MLflow's store is the Postgres database (the version rows are there).
-    count = stack.compose("exec", "-T", "postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc",
-                          "SELECT count(*) FROM model_versions").stdout.strip()
+    count = stack.compose(
+        "exec", "-T", "postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc", "SELECT count(*) FROM model_versions"
+    ).stdout.strip()
     assert int(count) == len(stack.versions(MODEL))
 
 

@@ -32,10 +32,20 @@ def make_job(tmp_path, tiny_model):
         (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
         body = {
             "model": {"base_model": str(tiny_model), **sections.pop("model", {})},
-            "data": {"train_path": "train.jsonl", "eval_path": "eval.jsonl", "data_format": data_format,
-                     **sections.pop("data", {})},
-            "training": {"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_seq_length": 64,
-                         "save_steps": 4, **sections.pop("training", {})},
+            "data": {
+                "train_path": "train.jsonl",
+                "eval_path": "eval.jsonl",
+                "data_format": data_format,
+                **sections.pop("data", {}),
+            },
+            "training": {
+                "max_steps": 8,
+                "learning_rate": 5e-3,
+                "per_device_train_batch_size": 8,
+                "max_seq_length": 64,
+                "save_steps": 4,
+                **sections.pop("training", {}),
+            },
             "evaluation": {"num_sample_generations": 2, "sample_max_new_tokens": 6, **sections.pop("evaluation", {})},
             **sections,
         }

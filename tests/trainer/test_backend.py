@@ -29,8 +29,16 @@ def test_loss_goes_down_on_a_learnable_task_and_outputs_are_complete(make_job):
     assert metrics["eval_loss"] < metrics["first_train_loss"]
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "model/MLmodel", "metrics.json", "metadata.json", "samples.jsonl", "_SUCCESS"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "model/MLmodel",
+        "metrics.json",
+        "metadata.json",
+        "samples.jsonl",
+        "_SUCCESS",
+    ):
         assert (out / name).exists(), name
     # What registration reads: the run's metrics, and a checksum of every file of adapter/ and model/ that verifies.
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -70,8 +78,9 @@ def test_dp_sgd_reports_epsilon_within_target_and_changes_lora_weights(make_job)
 
 
 def test_dp_resume_keeps_the_privacy_already_spent(make_job):
-    job_path, job = make_job(privacy={"dp_enabled": True, "dp_target_epsilon": 8.0},
-                             training={"max_steps": 6, "save_steps": 2})
+    job_path, job = make_job(
+        privacy={"dp_enabled": True, "dp_target_epsilon": 8.0}, training={"max_steps": 6, "save_steps": 2}
+    )
     first, out = _train(job_path, job)
     # A kill after step 4: the retry finds checkpoint-4 as the last one and resumes from it.
     shutil.rmtree(out / "checkpoints" / "checkpoint-6")
@@ -142,7 +151,7 @@ def test_saved_mlflow_model_loads_and_generates(make_job):
         enc = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             ids = reference.generate(**enc, max_new_tokens=n, do_sample=False)
-        assert result == tokenizer.decode(ids[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        assert result == tokenizer.decode(ids[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_teardown_twice_is_safe(make_job):

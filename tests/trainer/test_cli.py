@@ -12,8 +12,9 @@ from loraflow_trainer import errors
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "loraflow_trainer", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def _cause(proc) -> str:
@@ -29,8 +30,9 @@ def test_not_json_exits_bad_spec(tmp_path):
 
 
 def test_invalid_field_exits_bad_spec(tmp_path):
-    (tmp_path / "job.json").write_text(json.dumps({"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"},
-                                                   "lora": {"lora_r": -3}}))
+    (tmp_path / "job.json").write_text(
+        json.dumps({"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"}, "lora": {"lora_r": -3}})
+    )
     proc = _run("--job", str(tmp_path / "job.json"))
     assert proc.returncode == errors.EXIT_BAD_SPEC and "lora.lora_r" in _cause(proc)
 
@@ -47,12 +49,16 @@ def test_missing_dataset_exits_bad_data(make_job):
     assert proc.returncode == errors.EXIT_BAD_DATA and "does not exist" in _cause(proc)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('{"question": "a", "answer": "b"}\n', "lacks column"),
-    ("not json at all\n", "cannot be read"),
-    ("", "no rows"),
-    ('{"prompt": "a", "completion": " b"}\n{"prompt": null, "completion": " c"}\n', "row 1: column 'prompt'"),
-], ids=["wrong-columns", "not-jsonl", "empty", "null-cell"])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"question": "a", "answer": "b"}\n', "lacks column"),
+        ("not json at all\n", "cannot be read"),
+        ("", "no rows"),
+        ('{"prompt": "a", "completion": " b"}\n{"prompt": null, "completion": " c"}\n', "row 1: column 'prompt'"),
+    ],
+    ids=["wrong-columns", "not-jsonl", "empty", "null-cell"],
+)
 def test_bad_dataset_exits_bad_data_before_loading_the_model(make_job, content, expected):
     job_path, _ = make_job()
     (job_path.parent / "train.jsonl").write_text(content)
@@ -67,8 +73,10 @@ def test_missing_model_exits_model_not_found(make_job, tmp_path):
     assert proc.returncode == errors.EXIT_MODEL_NOT_FOUND and "base model" in _cause(proc)
 
 
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\)  loss (\d+\.\d{4})  lr \d\.\de-\d+  [\d,]+ tok/s  "
-                       r"eta \d+(m\d\ds)?s?$")
+STEP_LINE = re.compile(
+    r"^step (\d+)/(\d+) \((\d+)%\)  loss (\d+\.\d{4})  lr \d\.\de-\d+  [\d,]+ tok/s  "
+    r"eta \d+(m\d\ds)?s?$"
+)
 
 
 def _events(job_path, kind: str | None = None) -> list[dict]:
@@ -91,8 +99,11 @@ def test_progress_is_a_readable_line_per_step_and_the_json_events_go_to_a_file(m
     assert all(e["tokens_per_second"] > 0 and e["time"] > 0 for e in logged)
     assert _events(job_path)[0]["event"] == "info" and _events(job_path)[-1]["event"] == "saved"
     # No library notices a user cannot act on (the optional CPU kernel, deprecations, MLflow's saving chatter).
-    noise = [line for line in (proc.stdout + proc.stderr).splitlines()
-             if "gemm_4bit" in line or "FutureWarning" in line or "INFO mlflow" in line]
+    noise = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "gemm_4bit" in line or "FutureWarning" in line or "INFO mlflow" in line
+    ]
     assert not noise, noise
 
 
@@ -100,8 +111,12 @@ def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
     job_path, job = make_job(training={"max_steps": 500, "save_steps": 1000}, evaluation={"num_sample_generations": 0})
     out = job_path.parent / "output"
     with (job_path.parent / "stderr.txt").open("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         for line in proc.stdout:  # wait until training is really under way
             if line.startswith("step "):
                 break
@@ -122,7 +137,9 @@ def test_sigterm_checkpoints_exits_130_and_the_retry_resumes(make_job):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming from checkpoint {checkpoint}" in proc.stdout
     events = _events(job_path)
-    last_attempt = events[max(i for i, e in enumerate(events) if e["event"] == "info"):]  # the file spans both attempts
+    last_attempt = events[
+        max(i for i, e in enumerate(events) if e["event"] == "info") :
+    ]  # the file spans both attempts
     steps = [e["step"] for e in last_attempt if e["event"] == "log" and "loss" in e]
     assert steps == [stopped_at + 1, stopped_at + 2]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == stopped_at + 2
@@ -138,8 +155,9 @@ def test_cli_module_imports_without_torch():
 
 def test_make_tiny_model_is_deterministic(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."}) + "\n"
-                              for i in range(40)))
+    corpus.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."}) + "\n" for i in range(40))
+    )
     for name in ("a", "b"):
         proc = _run("make-tiny-model", "--out", str(tmp_path / name), "--data", str(corpus), "--vocab-size", "300")
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -152,11 +170,21 @@ def test_make_tiny_model_is_deterministic(tmp_path):
     assert tok("What is 1 plus 1?")["input_ids"][0] == tok.bos_token_id
 
 
-@pytest.mark.parametrize("make_exc, code", [
-    (lambda torch: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), errors.EXIT_OUT_OF_MEMORY),
-    (lambda torch: RuntimeError("DefaultCPUAllocator: not enough memory: out of memory"), errors.EXIT_OUT_OF_MEMORY),
-    (lambda torch: ValueError("something else broke"), errors.EXIT_FAILURE),
-], ids=["cuda-oom", "cpu-oom", "other"])
+@pytest.mark.parametrize(
+    "make_exc, code",
+    [
+        (
+            lambda torch: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            errors.EXIT_OUT_OF_MEMORY,
+        ),
+        (
+            lambda torch: RuntimeError("DefaultCPUAllocator: not enough memory: out of memory"),
+            errors.EXIT_OUT_OF_MEMORY,
+        ),
+        (lambda torch: ValueError("something else broke"), errors.EXIT_FAILURE),
+    ],
+    ids=["cuda-oom", "cpu-oom", "other"],
+)
 def test_out_of_memory_maps_to_its_exit_code(make_exc, code):
     # Real torch exception objects: an actual OOM cannot be provoked safely on a shared CPU box.
     import torch

@@ -29,9 +29,13 @@ def test_loss_on_all_keeps_every_label(make_job, tokenizer):
     assert ex["labels"] == ex["input_ids"]
 
 
-CHAT = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What is 1 plus 1?"},
-        {"role": "assistant", "content": "2."}, {"role": "user", "content": "And 2 plus 2?"},
-        {"role": "assistant", "content": "4."}]
+CHAT = [
+    {"role": "system", "content": "Be short."},
+    {"role": "user", "content": "What is 1 plus 1?"},
+    {"role": "assistant", "content": "2."},
+    {"role": "user", "content": "And 2 plus 2?"},
+    {"role": "assistant", "content": "4."},
+]
 
 
 def _assistant_spans(tokenizer, ids, labels):
@@ -57,8 +61,9 @@ def test_chat_mask_without_generation_markers_matches(make_job, tokenizer, tiny_
 
 
 def test_chat_row_without_assistant_turn_is_a_data_error(make_job, tokenizer):
-    job_path, job = make_job(rows=[{"messages": [{"role": "user", "content": "hi"}]}], data_format="chat",
-                             eval_rows=[{"messages": CHAT}])
+    job_path, job = make_job(
+        rows=[{"messages": [{"role": "user", "content": "hi"}]}], data_format="chat", eval_rows=[{"messages": CHAT}]
+    )
     with pytest.raises(DataError, match="no assistant turn"):
         data.load_examples(job, job_path.parent / "train.jsonl", tokenizer)
 

@@ -34,8 +34,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _train(job_path: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True,
-                          text=True, timeout=timeout, env=_env(**env), cwd=job_path.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(**env),
+        cwd=job_path.parent,
+    )
 
 
 def _events(output: Path, kind: str) -> list[dict]:
@@ -53,8 +59,9 @@ def _adapter(output: Path) -> dict:
 
 
 def _job(make_job, tmp_path: Path, name: str, **training) -> Path:
-    job_path, _ = make_job(rows=toy_rows(64), lora={"lora_dropout": 0.0},
-                           training={"max_steps": 4, "save_steps": 2, **training})
+    job_path, _ = make_job(
+        rows=toy_rows(64), lora={"lora_dropout": 0.0}, training={"max_steps": 4, "save_steps": 2, **training}
+    )
     target = tmp_path / name
     target.mkdir()
     for f in ("job.json", "train.jsonl", "eval.jsonl"):
@@ -120,8 +127,15 @@ def _rank_of(pid: int) -> str | None:
 def _interrupted(job: Path, at_line: str, act) -> tuple[subprocess.Popen, int]:
     """Run the job (in its own process group); on the first stdout line starting with ``at_line``
     call ``act(proc)``, then wait for the run to end. Returns the process and its exit code."""
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow_trainer", "--job", str(job)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=job.parent, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraflow_trainer", "--job", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=job.parent,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith(at_line):
@@ -177,11 +191,18 @@ def _alive(pid: int | None) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("env, expected, code", [
-    ({"LORAFLOW_GPUS": "7"}, "leased GPU(s) 7 but the trainer sees 0 CUDA device(s)", errors.EXIT_NO_GPU),
-    ({"LORAFLOW_GPUS": "0,1", "LORAFLOW_GPUS_ON_CPU": "1", "DP": "1"}, "DP-SGD trains on one process",
-     errors.EXIT_BAD_SPEC),
-], ids=["gpu-the-container-lacks", "dp-on-two-processes"])
+@pytest.mark.parametrize(
+    "env, expected, code",
+    [
+        ({"LORAFLOW_GPUS": "7"}, "leased GPU(s) 7 but the trainer sees 0 CUDA device(s)", errors.EXIT_NO_GPU),
+        (
+            {"LORAFLOW_GPUS": "0,1", "LORAFLOW_GPUS_ON_CPU": "1", "DP": "1"},
+            "DP-SGD trains on one process",
+            errors.EXIT_BAD_SPEC,
+        ),
+    ],
+    ids=["gpu-the-container-lacks", "dp-on-two-processes"],
+)
 def test_impossible_device_requests_are_refused_before_the_model_loads(make_job, env, expected, code):
     job_path, _ = make_job(**({"privacy": {"dp_enabled": True}} if env.pop("DP", None) else {}))
     proc = _train(job_path, timeout=120, **env)
@@ -192,8 +213,9 @@ def test_impossible_device_requests_are_refused_before_the_model_loads(make_job,
 
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(make_job, tmp_path):
     """docker stop sends SIGTERM to the launcher; every rank checkpoints the same step and the run exits 130."""
-    job = _job(make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40,
-               save_steps=100)
+    job = _job(
+        make_job, tmp_path, "stopped", per_device_train_batch_size=4, num_processes=2, max_steps=40, save_steps=100
+    )
     ranks: list[int] = []
 
     def stop(proc):

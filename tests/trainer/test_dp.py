@@ -135,10 +135,19 @@ def _write_job(directory, tiny_model, *, eval_set: bool = False, **sections) -> 
     (directory / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(8, seed=1)))
     body = {
         "model": {"base_model": str(tiny_model)},
-        "data": {"train_path": "train.jsonl", "data_format": "prompt_completion",
-                 **({"eval_path": "eval.jsonl"} if eval_set else {})},
-        "training": {"max_steps": 10, "learning_rate": 5e-3, "per_device_train_batch_size": BATCH, "max_seq_length": 64,
-                     "save_steps": 4, **sections.pop("training", {})},
+        "data": {
+            "train_path": "train.jsonl",
+            "data_format": "prompt_completion",
+            **({"eval_path": "eval.jsonl"} if eval_set else {}),
+        },
+        "training": {
+            "max_steps": 10,
+            "learning_rate": 5e-3,
+            "per_device_train_batch_size": BATCH,
+            "max_seq_length": 64,
+            "save_steps": 4,
+            **sections.pop("training", {}),
+        },
         "privacy": {"dp_enabled": True, **sections.pop("privacy", {})},
         "evaluation": {"num_sample_generations": 2, "sample_max_new_tokens": 4, **sections.pop("evaluation", {})},
         **sections,
@@ -229,8 +238,9 @@ def test_a_dp_run_keeps_its_private_training_statistics_out_of_logs_and_outputs(
 
 
 def test_a_reproducible_dp_run_resumed_equals_the_uninterrupted_run(tmp_path, tiny_model):
-    settings = dict(privacy={"dp_reproducible": True, "dp_log_train_metrics": True},
-                    evaluation={"num_sample_generations": 0})
+    settings = dict(
+        privacy={"dp_reproducible": True, "dp_log_train_metrics": True}, evaluation={"num_sample_generations": 0}
+    )
     whole_path, whole_job = _write_job(tmp_path / "whole", tiny_model, **settings)
     whole = Audit()
     whole_metrics = _train(whole_path, whole_job, whole)
@@ -256,8 +266,13 @@ def test_a_reproducible_dp_run_resumed_equals_the_uninterrupted_run(tmp_path, ti
 def budget_raised(tmp_path_factory, tiny_model):
     """Target 3: stopped at step 4 of 8, then retried with max_steps 16."""
     directory = tmp_path_factory.mktemp("dp-budget")
-    job_path, job = _write_job(directory, tiny_model, training={"max_steps": 8}, privacy={"dp_target_epsilon": 3.0},
-                               evaluation={"num_sample_generations": 0})
+    job_path, job = _write_job(
+        directory,
+        tiny_model,
+        training={"max_steps": 8},
+        privacy={"dp_target_epsilon": 3.0},
+        evaluation={"num_sample_generations": 0},
+    )
     first, second = Audit(), Audit()
     _stopped(job_path, job, first, stop_at_draw=3)
     longer = job.model_copy(update={"training": job.training.model_copy(update={"max_steps": 16})})
@@ -304,8 +319,9 @@ def test_a_retry_after_the_budget_is_spent_is_refused_before_any_step(budget_rai
     job = spec.load(job_path)
     job.model_copy(update={"training": job.training.model_copy(update={"max_steps": 20})}).write(job_path)
     success = (out / "_SUCCESS").read_text()
-    proc = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == EXIT_BAD_SPEC, proc.stderr[-2000:]
     assert "privacy budget is spent" in proc.stderr and "dp_target_epsilon 3" in proc.stderr
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
@@ -339,16 +355,18 @@ def test_the_registry_refuses_a_dp_version_over_its_target(stopped_in_second_epo
 
 def test_an_out_of_range_delta_is_refused_naming_the_dataset_size(tmp_path, tiny_model):
     job_path, _ = _write_job(tmp_path, tiny_model, privacy={"dp_delta": 0.5})
-    proc = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == EXIT_BAD_SPEC, proc.stderr[-2000:]
     assert f"n = {N_TRAIN} training examples" in proc.stderr and "1/n^1.1" in proc.stderr
     assert not list((tmp_path / "output").glob("checkpoints/checkpoint-*"))
 
 
 def test_a_dp_batch_as_large_as_the_data_is_refused(tmp_path, tiny_model):
-    job_path, job = _write_job(tmp_path, tiny_model,
-                               training={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 3})
+    job_path, job = _write_job(
+        tmp_path, tiny_model, training={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 3}
+    )
     with pytest.raises(JobSpecError, match=f"= 48\\) must be smaller than the {N_TRAIN} training examples"):
         _train(job_path, job, Audit())
 
@@ -369,11 +387,18 @@ def test_poisson_batches_include_each_example_with_probability_q():
 def test_an_empty_poisson_batch_is_a_noise_only_step_the_accountant_counts(tmp_path, tiny_model):
     # Batch size 1 of 48: a step is empty with probability (47/48)^48 ~ 0.36. Pick a seed
     # whose (reproducible) first batch is empty.
-    seed = next(s for s in range(1000)
-                if not dp.PoissonBatchSampler(N_TRAIN, 1 / N_TRAIN, dp._derived("sampler", s, 32), 48).batch(0))
-    job_path, job = _write_job(tmp_path, tiny_model,
-                               training={"max_steps": 1, "per_device_train_batch_size": 1, "seed": seed},
-                               privacy={"dp_reproducible": True}, evaluation={"num_sample_generations": 0})
+    seed = next(
+        s
+        for s in range(1000)
+        if not dp.PoissonBatchSampler(N_TRAIN, 1 / N_TRAIN, dp._derived("sampler", s, 32), 48).batch(0)
+    )
+    job_path, job = _write_job(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 1, "per_device_train_batch_size": 1, "seed": seed},
+        privacy={"dp_reproducible": True},
+        evaluation={"num_sample_generations": 0},
+    )
     audit = Audit()
     metrics = _train(job_path, job, audit)
     assert audit.draws == [(0, [])] and len(audit.noise) == 1

@@ -16,13 +16,19 @@ pytestmark = pytest.mark.slow
 
 
 def evaluate(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "loraflow_trainer.evaluate", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer.evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def _train(job_path):
-    out = subprocess.run([sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "loraflow_trainer", "--job", str(job_path)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -35,11 +41,17 @@ def test_trained_adapter_beats_an_untrained_one_on_the_same_examples_and_the_sui
     job_path, job = make_job(training={"max_steps": 24, "learning_rate": 1e-2})
     _train(job_path)
     suite = tmp_path / "suite.jsonl"
-    suite.write_text("\n".join(json.dumps(c) for c in [
-        {"id": "says-plus", "prompt": "What is 2 plus 3?", "must_contain": "plus"},
-        {"id": "short", "prompt": "What is 1 plus 1?", "max_length": 0},
-        {"id": "json", "prompt": "What is 4 plus 4?", "json_schema": {"type": "object"}},
-    ]) + "\n")
+    suite.write_text(
+        "\n".join(
+            json.dumps(c)
+            for c in [
+                {"id": "says-plus", "prompt": "What is 2 plus 3?", "must_contain": "plus"},
+                {"id": "short", "prompt": "What is 1 plus 1?", "max_length": 0},
+                {"id": "json", "prompt": "What is 4 plus 4?", "json_schema": {"type": "object"}},
+            ]
+        )
+        + "\n"
+    )
     out = evaluate("--job", job_path, "--champion", tmp_path / "weak-adapter", "--base", "--suite", suite)
     assert out.returncode == 0, out.stderr[-3000:]
     ev = json.loads((tmp_path / "output" / "eval.json").read_text())
@@ -72,15 +84,18 @@ def test_no_eval_set_and_missing_adapter_fail_with_their_cause(make_job, tmp_pat
     assert out.returncode == EXIT_BAD_DATA and "eval_fraction" in out.stderr
 
 
-@pytest.mark.parametrize("line,fragment", [
-    ('{"prompt": "hi"}', "no check"),
-    ('{"prompt": "", "must_contain": "x"}', "prompt is missing"),
-    ('{"prompt": "hi", "regex": "("}', "does not compile"),
-    ('{"prompt": "hi", "json_schema": {"type": 3}}', "not a valid JSON Schema"),
-    ('{"prompt": "hi", "max_length": -1}', "max_length"),
-    ('{"prompt": "hi", "must_contian": "x"}', "unknown key"),
-    ("not json", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "line,fragment",
+    [
+        ('{"prompt": "hi"}', "no check"),
+        ('{"prompt": "", "must_contain": "x"}', "prompt is missing"),
+        ('{"prompt": "hi", "regex": "("}', "does not compile"),
+        ('{"prompt": "hi", "json_schema": {"type": 3}}', "not a valid JSON Schema"),
+        ('{"prompt": "hi", "max_length": -1}', "max_length"),
+        ('{"prompt": "hi", "must_contian": "x"}', "unknown key"),
+        ("not json", "not JSON"),
+    ],
+)
 def test_bad_behaviour_suite_names_the_line_and_the_fix(tmp_path, line, fragment):
     path = tmp_path / "suite.jsonl"
     path.write_text('{"prompt": "fine", "must_contain": "a"}\n' + line + "\n")
@@ -90,8 +105,18 @@ def test_bad_behaviour_suite_names_the_line_and_the_fix(tmp_path, line, fragment
 
 
 def test_behaviour_checks_judge_outputs():
-    case = behaviour.parse_case({"prompt": "p", "must_contain": ["a"], "must_not_contain": "z", "regex": r"^\{",
-                                 "json_schema": {"type": "object", "required": ["a"]}, "max_length": 12}, "t", 0)
+    case = behaviour.parse_case(
+        {
+            "prompt": "p",
+            "must_contain": ["a"],
+            "must_not_contain": "z",
+            "regex": r"^\{",
+            "json_schema": {"type": "object", "required": ["a"]},
+            "max_length": 12,
+        },
+        "t",
+        0,
+    )
     assert case.check('{"a": 1}') == []
     assert len(case.check('{"b": 1}')) == 2  # no "a" substring, schema's required a
     assert any("contains 'z'" in f for f in case.check('{"a": "z"}'))

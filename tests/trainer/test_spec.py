@@ -10,8 +10,12 @@ from loraflow_trainer.errors import JobSpecError
 
 
 def test_invalid_spec_names_every_wrong_field():
-    bad = {"model": {"base_model": "", "quantization": "3bit"}, "data": {"train_path": "x.jsonl"},
-           "lora": {"lora_r": 0}, "training": {"learning_rate": -1, "bogus": 1}}
+    bad = {
+        "model": {"base_model": "", "quantization": "3bit"},
+        "data": {"train_path": "x.jsonl"},
+        "lora": {"lora_r": 0},
+        "training": {"learning_rate": -1, "bogus": 1},
+    }
     with pytest.raises(JobSpecError) as err:
         spec.validate(bad)
     msg = str(err.value)
@@ -56,5 +60,11 @@ def test_spec_and_errors_import_without_torch():
 
 def test_dp_with_gradient_checkpointing_is_refused():
     with pytest.raises(JobSpecError, match="gradient_checkpointing"):
-        spec.validate({"model": {"base_model": "m"}, "data": {"train_path": "t.jsonl"},
-                       "privacy": {"dp_enabled": True}, "training": {"gradient_checkpointing": True}})
+        spec.validate(
+            {
+                "model": {"base_model": "m"},
+                "data": {"train_path": "t.jsonl"},
+                "privacy": {"dp_enabled": True},
+                "training": {"gradient_checkpointing": True},
+            }
+        )

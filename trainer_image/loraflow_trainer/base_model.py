@@ -43,8 +43,11 @@ class BaseModelError(RuntimeError):
 
 def weight_files(model_dir: Path) -> list[str]:
     model_dir = Path(model_dir)
-    return sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
-                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES and ".cache" not in p.relative_to(model_dir).parts)
+    return sorted(
+        p.relative_to(model_dir).as_posix()
+        for p in model_dir.rglob("*")
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and ".cache" not in p.relative_to(model_dir).parts
+    )
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -52,8 +55,9 @@ def weights_sha256(model_dir: Path) -> str:
     model_dir = Path(model_dir).resolve()
     files = weight_files(model_dir)
     if not files:
-        raise BaseModelError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); "
-                             "it is not a saved model")
+        raise BaseModelError(
+            f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it is not a saved model"
+        )
     key = (str(model_dir), *((f, (model_dir / f).stat().st_size, (model_dir / f).stat().st_mtime_ns) for f in files))
     if key not in _memo:
         lines = "".join(f"{file_sha256(model_dir / f)}  {f}\n" for f in files)
@@ -75,8 +79,9 @@ def cache_roots() -> list[Path]:
     return [*roots, Path(CONTAINER_MODELS)]
 
 
-def reference(base_model: str, model_dir: Path | None, revision: str | None = None,
-              commit: str | None = None) -> dict[str, Any]:
+def reference(
+    base_model: str, model_dir: Path | None, revision: str | None = None, commit: str | None = None
+) -> dict[str, Any]:
     """The portable reference of a base: ``{"kind": "hub", ...}`` or ``{"kind": "cache", "name", "sha256", ...}``."""
     if model_dir is None:
         return {"kind": "hub", "id": base_model, "revision": commit or revision or "main"}
@@ -88,8 +93,13 @@ def reference(base_model: str, model_dir: Path | None, revision: str | None = No
             break
         except ValueError:
             continue
-    return {"kind": "cache", "name": name, "sha256": weights_sha256(model_dir), "files": weight_files(model_dir),
-            "trained_at": str(model_dir)}
+    return {
+        "kind": "cache",
+        "name": name,
+        "sha256": weights_sha256(model_dir),
+        "files": weight_files(model_dir),
+        "trained_at": str(model_dir),
+    }
 
 
 def candidates(ref: dict[str, Any], given: str | Path | None = None, cache: str | Path | None = None) -> list[Path]:
@@ -136,10 +146,13 @@ def resolve(ref: dict[str, Any], given: str | Path | None = None, cache: str | P
         if found == ref["sha256"]:
             return str(cand.resolve())
         looked.append(f"{cand} (found weights sha256 {found})")
-    fix = (f"pass --base-model-path DIR (or {BASE_PATH_ENV}) naming a directory that holds those weights" if given else
-           f"copy that model into ${MODELS_ENV}/{ref['name']} "
-           f"({MODELS_ENV}={cache or os.environ.get(MODELS_ENV) or 'unset'}) "
-           f"or name its directory with --base-model-path (loraflow CLI) or {BASE_PATH_ENV} (mlflow.pyfunc)")
+    fix = (
+        f"pass --base-model-path DIR (or {BASE_PATH_ENV}) naming a directory that holds those weights"
+        if given
+        else f"copy that model into ${MODELS_ENV}/{ref['name']} "
+        f"({MODELS_ENV}={cache or os.environ.get(MODELS_ENV) or 'unset'}) "
+        f"or name its directory with --base-model-path (loraflow CLI) or {BASE_PATH_ENV} (mlflow.pyfunc)"
+    )
     raise BaseModelError(f"{describe(ref)} expected, not found: looked at {'; '.join(looked) or 'nowhere'}; {fix}")
 
 
@@ -169,5 +182,9 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
     base = resolve(ref, os.environ.get(BASE_PATH_ENV) or None)
     flavor = _get_flavor_configuration(local, mt.FLAVOR_NAME)
     model_config = mt._get_model_config(local.joinpath(mt._COMPONENTS_BINARY_DIR_NAME), model_config)
-    return mt._TransformersWrapper(mt._load_model(str(local), flavor, "pipeline", base_model_path=base),
-                                   flavor, model_config, mt._get_prompt_template(local))
+    return mt._TransformersWrapper(
+        mt._load_model(str(local), flavor, "pipeline", base_model_path=base),
+        flavor,
+        model_config,
+        mt._get_prompt_template(local),
+    )

@@ -85,8 +85,9 @@ def parse_case(row: Any, where: str, index: int) -> Case:
         raise DataError(f"{where}: prompt is {len(prompt)} characters, over {MAX_PROMPT_CHARS}; shorten it")
     unknown = sorted(set(row) - {"id", "prompt", *CHECKS, "description", "tags"})
     if unknown:
-        raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; "
-                        f"a case has id, prompt and checks {', '.join(CHECKS)}")
+        raise DataError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; a case has id, prompt and checks {', '.join(CHECKS)}"
+        )
     if not any(k in row for k in CHECKS):
         raise DataError(f"{where}: no check; add at least one of {', '.join(CHECKS)}")
     kwargs: dict[str, Any] = {}
@@ -126,8 +127,9 @@ def load_suite(path: Path) -> list[Case]:
     """Every case of a suite file, checked; DataError names the line and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"behaviour suite {path} does not exist; "
-                        "point behaviour_suite_path at a JSONL file under a data root")
+        raise DataError(
+            f"behaviour suite {path} does not exist; point behaviour_suite_path at a JSONL file under a data root"
+        )
     cases: list[Case] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -143,13 +145,16 @@ def load_suite(path: Path) -> list[Case]:
             raise DataError(f"{where}: not JSON ({exc.msg}); one JSON object per line") from None
         cases.append(parse_case(row, where, len(cases)))
         if len(cases) > MAX_CASES:
-            raise DataError(f"behaviour suite {path.name} has more than {MAX_CASES} cases; "
-                            "split it or keep the ones that gate promotion")
+            raise DataError(
+                f"behaviour suite {path.name} has more than {MAX_CASES} cases; "
+                "split it or keep the ones that gate promotion"
+            )
     if not cases:
         raise DataError(f"behaviour suite {path} has no cases; add one JSON object per line")
     ids = [c.id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise DataError(f"behaviour suite {path.name}: duplicate case id(s) {', '.join(dupes)}; "
-                        "give each case its own id")
+        raise DataError(
+            f"behaviour suite {path.name}: duplicate case id(s) {', '.join(dupes)}; give each case its own id"
+        )
     return cases

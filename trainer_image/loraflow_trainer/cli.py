@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random Llama model + tokenizer for tests and demos")
     tiny.add_argument("--out", type=Path, required=True, help="directory to save the model to")
-    tiny.add_argument("--data", type=Path, nargs="+", required=True,
-                      help="JSONL/CSV/Parquet/text files to train the tokenizer on")
+    tiny.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="JSONL/CSV/Parquet/text files to train the tokenizer on"
+    )
     tiny.add_argument("--vocab-size", type=int, default=1024)
     tiny.add_argument("--seed", type=int, default=0)
     return p
@@ -93,7 +94,8 @@ def run_job(job_path: Path) -> int:
             raise errors.DiskFullError(
                 f"no space left on the volume of {out} ({shutil.disk_usage(out).free // 1024} KiB free; "
                 f"the write failed with {type(exc).__name__}: {first_line}); "
-                "free space (or move LORAFLOW_HOME), then retry: checkpoints are kept") from exc
+                "free space (or move LORAFLOW_HOME), then retry: checkpoints are kept"
+            ) from exc
         raise
     finally:
         if not _PROCESS_ENDS_AFTER_JOB:  # in-process callers get their memory back
@@ -127,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except errors.LoraflowTrainerError as exc:
         return _fail(exc, exc.exit_code)
     except KeyboardInterrupt as exc:
-        return _fail(RuntimeError(f"interrupted ({exc or 'SIGINT'}); checkpoints kept, a retry resumes"),
-                     errors.EXIT_INTERRUPTED)
+        return _fail(
+            RuntimeError(f"interrupted ({exc or 'SIGINT'}); checkpoints kept, a retry resumes"), errors.EXIT_INTERRUPTED
+        )
     except MemoryError:
-        return _fail(errors.OutOfMemoryError("out of host memory; lower per_device_train_batch_size or max_seq_length"),
-                     errors.EXIT_OUT_OF_MEMORY)
+        return _fail(
+            errors.OutOfMemoryError("out of host memory; lower per_device_train_batch_size or max_seq_length"),
+            errors.EXIT_OUT_OF_MEMORY,
+        )
     except Exception as exc:  # the CLI's last line of defence: a cause line instead of silence
         import traceback
 
@@ -151,9 +156,11 @@ def classify(exc: BaseException) -> errors.LoraflowTrainerError:
             "or use quantization=4bit"
         )
     if _disk_full(exc):
-        return errors.DiskFullError(f"no space left on device ({first_line[:160]}); free space on the volume that "
-                                    "holds the output directory (or move LORAFLOW_HOME), then retry: "
-                                    "checkpoints are kept")
+        return errors.DiskFullError(
+            f"no space left on device ({first_line[:160]}); free space on the volume that "
+            "holds the output directory (or move LORAFLOW_HOME), then retry: "
+            "checkpoints are kept"
+        )
     return errors.LoraflowTrainerError(f"{type(exc).__name__}: {first_line[:300]}")
 
 

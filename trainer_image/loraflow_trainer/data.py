@@ -34,8 +34,9 @@ def read_table(path: Path):
         if path.suffix == ".csv":
             return pd.read_csv(path, keep_default_na=False, dtype=str)
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
-        raise DataError(f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                        "fix or regenerate the file") from None
+        raise DataError(
+            f"dataset {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix or regenerate the file"
+        ) from None
     raise DataError(f"dataset {path} has unsupported extension {path.suffix!r}; use .parquet, .jsonl or .csv")
 
 
@@ -166,9 +167,11 @@ def _assistant_mask_by_prefix(messages, tokenizer, n: int) -> list[int]:
     The tokens an assistant turn adds are those between the conversation rendered up to
     its generation prompt and rendered through the turn itself.
     """
+
     def n_tokens(msgs, generation_prompt: bool) -> int:
-        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
-                                            add_generation_prompt=generation_prompt)
+        enc = tokenizer.apply_chat_template(
+            msgs, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+        )
         return len(enc["input_ids"])
 
     mask = [0] * n
@@ -304,8 +307,12 @@ def build_datasets(job: JobSpec, job_dir: Path, tokenizer) -> Datasets:
     if d.eval_path or not job.privacy.dp_enabled:  # DP: never copy training prompts into samples.jsonl
         prompt_source = job.resolve(d.eval_path or d.train_path, job_dir)
         prompts = prompts_for_samples(job, prompt_source, tokenizer, job.evaluation.num_sample_generations)
-    progress.emit("data", train_examples=len(train), train_tokens=train.num_tokens(),
-                  eval_examples=len(evaluation) if evaluation else 0)
+    progress.emit(
+        "data",
+        train_examples=len(train),
+        train_tokens=train.num_tokens(),
+        eval_examples=len(evaluation) if evaluation else 0,
+    )
     return Datasets(train, evaluation, prompts)
 
 
@@ -313,5 +320,8 @@ def left_pad(ids: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[l
     """Prompts padded on the left to one width for batched generation: (input ids, attention
     mask, width); generated tokens start at ``width`` in every row."""
     width = max(map(len, ids))
-    return ([[pad_id] * (width - len(x)) + list(x) for x in ids],
-            [[0] * (width - len(x)) + [1] * len(x) for x in ids], width)
+    return (
+        [[pad_id] * (width - len(x)) + list(x) for x in ids],
+        [[0] * (width - len(x)) + [1] * len(x) for x in ids],
+        width,
+    )

@@ -68,8 +68,14 @@ ACCOUNTING_FILE = contract.ACCOUNTING_FILE
 ACCOUNTANT = "rdp"
 # Statistics of the private batches computed without noise: outside the DP guarantee.
 PRIVATE_LOG_KEYS = frozenset({"loss", "grad_norm", "train_loss"})
-PRIVATE_METRICS = ("train_loss", "first_train_loss", "final_train_loss", "train_tokens", "tokens_per_second",
-                   "tokens_per_second_per_device")
+PRIVATE_METRICS = (
+    "train_loss",
+    "first_train_loss",
+    "final_train_loss",
+    "train_tokens",
+    "tokens_per_second",
+    "tokens_per_second_per_device",
+)
 # Noise multipliers beyond this buy no accuracy worth having: the budget is treated as spent.
 MAX_NOISE_MULTIPLIER = 1e6
 # How far below the target calibration may land (Opacus' default).
@@ -89,14 +95,16 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate(history, sample_rate: float, steps: int, target: float, delta: float,
-              tolerance: float = EPSILON_TOLERANCE) -> float | None:
+def calibrate(
+    history, sample_rate: float, steps: int, target: float, delta: float, tolerance: float = EPSILON_TOLERANCE
+) -> float | None:
     """The noise multiplier for ``steps`` more steps after ``history`` that lands the composed
     epsilon within ``tolerance`` below ``target`` (Opacus' search, over the composition);
     None when even MAX_NOISE_MULTIPLIER would overrun it."""
     orders = RDPAccountant.DEFAULT_ALPHAS
-    spent = sum((compute_rdp(q=q, noise_multiplier=s, steps=k, orders=orders) for s, q, k in history),
-                np.zeros(len(orders)))
+    spent = sum(
+        (compute_rdp(q=q, noise_multiplier=s, steps=k, orders=orders) for s, q, k in history), np.zeros(len(orders))
+    )
 
     def eps(sigma: float) -> float:
         rdp = spent + compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
@@ -178,7 +186,8 @@ class OpacusDPTrainer(Trainer):
             # leaves resuming the batch sequence to the sampler; anything else would step the
             # accountant on a different unit than Opacus, or skip batches twice on resume.
             raise ValueError(
-                "OpacusDPTrainer needs gradient_accumulation_steps=1, max_grad_norm=0 and ignore_data_skip=True")
+                "OpacusDPTrainer needs gradient_accumulation_steps=1, max_grad_norm=0 and ignore_data_skip=True"
+            )
         n = len(self.train_dataset)
         # One Poisson batch per optimizer step, of expected size logical_batch.
         self.logical_batch = self.args.per_device_train_batch_size
@@ -192,13 +201,18 @@ class OpacusDPTrainer(Trainer):
         self.log_train_metrics = privacy.dp_log_train_metrics
         self.randomness = "reproducible" if self.reproducible else "secure"
         self.steps_per_epoch = max(1, int(1 / self.sample_rate))
-        self.planned_steps = (self.args.max_steps if self.args.max_steps > 0
-                              else math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
+        self.planned_steps = (
+            self.args.max_steps
+            if self.args.max_steps > 0
+            else math.ceil(self.args.num_train_epochs * self.steps_per_epoch)
+        )
         self.noise_multiplier = calibrate([], self.sample_rate, self.planned_steps, self.target_epsilon, self.delta)
         if self.noise_multiplier is None:
-            raise PrivacyBudgetError(f"no noise level reaches dp_target_epsilon {self.target_epsilon} in "
-                                     f"{self.planned_steps} steps; "
-                                     "raise dp_target_epsilon or train fewer steps")
+            raise PrivacyBudgetError(
+                f"no noise level reaches dp_target_epsilon {self.target_epsilon} in "
+                f"{self.planned_steps} steps; "
+                "raise dp_target_epsilon or train fewer steps"
+            )
         self.accountant = RDPAccountant()
         key = _derived("sampler", self.args.seed, 32) if self.reproducible else os.urandom(32)
         self.sampler = PoissonBatchSampler(n, self.sample_rate, key, self.steps_per_epoch)
@@ -209,22 +223,33 @@ class OpacusDPTrainer(Trainer):
         self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean")
         self._lora_before = {k: v.detach().clone() for k, v in self.model.named_parameters() if v.requires_grad}
         progress.emit(
-            "dp", noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-            delta=self.delta, planned_steps=self.planned_steps, max_grad_norm=self.max_grad_norm,
-            randomness=self.randomness, train_metrics_logged=self.log_train_metrics,
+            "dp",
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            delta=self.delta,
+            planned_steps=self.planned_steps,
+            max_grad_norm=self.max_grad_norm,
+            randomness=self.randomness,
+            train_metrics_logged=self.log_train_metrics,
         )
 
     def _attempt(self, start_step: int) -> dict[str, Any]:
-        return {"start_step": start_step, "planned_steps": self.planned_steps,
-                "noise_multiplier": self.noise_multiplier,
-                "randomness": self.randomness}
+        return {
+            "start_step": start_step,
+            "planned_steps": self.planned_steps,
+            "noise_multiplier": self.noise_multiplier,
+            "randomness": self.randomness,
+        }
 
     # -- sampling --------------------------------------------------------------------
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_dataset, batch_sampler=self.sampler, collate_fn=_EmptyBatchCollator(self.data_collator),
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            self.train_dataset,
+            batch_sampler=self.sampler,
+            collate_fn=_EmptyBatchCollator(self.data_collator),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
             # Its own generator for the workers' base seed: drawing it from the global RNG on each
             # pass would shift a resumed run's dropout masks off the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.args.seed),
@@ -240,9 +265,13 @@ class OpacusDPTrainer(Trainer):
             seed = _derived("noise", self.args.seed, 8) if self.reproducible else os.urandom(8)
             self.noise_generator.manual_seed(int.from_bytes(seed, "big") >> 1)
             self.optimizer = self.dp_optimizer = DPOptimizer(
-                base, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                expected_batch_size=self.logical_batch, loss_reduction="mean",
-                generator=self.noise_generator, secure_mode=not self.reproducible,
+                base,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.logical_batch,
+                loss_reduction="mean",
+                generator=self.noise_generator,
+                secure_mode=not self.reproducible,
             )
             self.dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         return self.optimizer
@@ -252,11 +281,20 @@ class OpacusDPTrainer(Trainer):
         # The privacy spent so far is part of the training state: a resumed run that
         # forgot it would report a smaller epsilon than the data actually paid.
         out = Path(output_dir)
-        (out / ACCOUNTANT_FILE).write_text(json.dumps({
-            "accountant": ACCOUNTANT, "history": self.accountant.history, "attempts": self.attempts,
-        }))
-        sampler = {"sampler_key": self.sampler.key.hex(), "draws": int(self.state.global_step),
-                   "randomness": self.randomness}
+        (out / ACCOUNTANT_FILE).write_text(
+            json.dumps(
+                {
+                    "accountant": ACCOUNTANT,
+                    "history": self.accountant.history,
+                    "attempts": self.attempts,
+                }
+            )
+        )
+        sampler = {
+            "sampler_key": self.sampler.key.hex(),
+            "draws": int(self.state.global_step),
+            "randomness": self.randomness,
+        }
         if self.reproducible and self.noise_generator is not None:
             state = self.noise_generator.get_state().numpy().tobytes()
             sampler["noise_generator_state"] = base64.b64encode(state).decode()
@@ -330,8 +368,14 @@ class OpacusDPTrainer(Trainer):
                     "set max_steps "
                     f"to {done} to finish with what was trained, or raise dp_target_epsilon (a weaker guarantee)"
                 )
-            progress.emit("dp_recalibrated", step=done, spent_epsilon=spent, remaining_steps=remaining,
-                          old_noise_multiplier=keep, noise_multiplier=sigma)
+            progress.emit(
+                "dp_recalibrated",
+                step=done,
+                spent_epsilon=spent,
+                remaining_steps=remaining,
+                old_noise_multiplier=keep,
+                noise_multiplier=sigma,
+            )
         self.noise_multiplier = sigma
         if self.dp_optimizer is not None:
             self.dp_optimizer.noise_multiplier = sigma
@@ -387,7 +431,8 @@ class OpacusDPTrainer(Trainer):
         Raises when the epsilon spent exceeds the target, so such a run never writes _SUCCESS."""
         changed = sum(
             int(not torch.equal(p.detach(), self._lora_before[k]))
-            for k, p in self.model.named_parameters() if k in self._lora_before
+            for k, p in self.model.named_parameters()
+            if k in self._lora_before
         )
         if self.state.global_step > 0 and changed == 0:
             raise LoraflowTrainerError(
@@ -404,10 +449,13 @@ class OpacusDPTrainer(Trainer):
             )
         modes = {a["randomness"] for a in self.attempts}
         return {
-            "epsilon": epsilon, "delta": float(self.delta), "dp_target_epsilon": float(self.target_epsilon),
+            "epsilon": epsilon,
+            "delta": float(self.delta),
+            "dp_target_epsilon": float(self.target_epsilon),
             "dp_noise_multiplier": float(history[-1][0] if history else self.noise_multiplier),
             "dp_sample_rate": float(self.sample_rate),
-            "dp_steps": int(sum(k for _, _, k in history)), "dp_segments": len(history),
+            "dp_steps": int(sum(k for _, _, k in history)),
+            "dp_segments": len(history),
             "dp_history": [list(h) for h in history],
             "dp_randomness": modes.pop() if len(modes) == 1 else "mixed",
             "dp_secure_rng": int(not self.reproducible and all(a["randomness"] == "secure" for a in self.attempts)),

@@ -26,10 +26,10 @@ EXIT_MEANINGS = {
     EXIT_OUT_OF_MEMORY: "out of memory; lower per_device_train_batch_size or max_seq_length, or use quantization=4bit",
     EXIT_NO_GPU: "the job needs a GPU that is not available; request a GPU or change the settings for CPU",
     EXIT_DISK_FULL: "no space left on the workspace volume; free space (or move LORAFLOW_HOME) and retry, "
-                    "checkpoints are kept",
+    "checkpoints are kept",
     EXIT_INTERRUPTED: "training was interrupted; checkpoints were kept and a retry resumes from the last one",
     EXIT_KILLED: "the trainer was killed (SIGKILL), most often out of memory at the container limit; raise the memory "
-                 "limit or lower the batch size",
+    "limit or lower the batch size",
 }
 
 

@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Score this run's adapter, the champion's and optionally the bare base on the run's eval set.",
         epilog="exit codes: " + "; ".join(f"{code} = {text}" for code, text in errors.EXIT_MEANINGS.items()),
     )
-    p.add_argument("--job", type=Path, required=True,
-                   help="path of job.json (relative paths resolve against its directory)")
+    p.add_argument(
+        "--job", type=Path, required=True, help="path of job.json (relative paths resolve against its directory)"
+    )
     p.add_argument("--request", type=Path, help=f"what to score (default: {REQUEST} beside job.json)")
     p.add_argument("--champion", type=Path, help="the champion's adapter directory (overrides the request)")
     p.add_argument("--base", action="store_true", help="also score the base model with no adapter")
@@ -61,22 +62,28 @@ def load_request(args, job_dir: Path) -> dict[str, Any]:
             req = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise errors.JobSpecError(
-                f"evaluate request {path} is unreadable ({exc}); re-run the evaluate task") from None
+                f"evaluate request {path} is unreadable ({exc}); re-run the evaluate task"
+            ) from None
     adapters = dict(req.get("adapters") or {"challenger": "output/adapter"})
     champion = dict(req.get("champion") or {"status": "none"})
     if args.champion is not None:
         adapters["champion"] = str(args.champion)
         champion = {"status": "compared", "version": champion.get("version"), "reason": "given on the command line"}
-    req.update(adapters=adapters, champion=champion,
-               include_base=bool(args.base or req.get("include_base")),
-               behaviour_suite=str(args.suite) if args.suite else req.get("behaviour_suite"),
-               output=str(args.out) if args.out else req.get("output", DEFAULT_OUTPUT),
-               max_generation_examples=int(req.get("max_generation_examples", 64)))
+    req.update(
+        adapters=adapters,
+        champion=champion,
+        include_base=bool(args.base or req.get("include_base")),
+        behaviour_suite=str(args.suite) if args.suite else req.get("behaviour_suite"),
+        output=str(args.out) if args.out else req.get("output", DEFAULT_OUTPUT),
+        max_generation_examples=int(req.get("max_generation_examples", 64)),
+    )
     for name, rel in adapters.items():
         d = _resolve(rel, job_dir)
         if not (d / "adapter_config.json").exists():
-            raise errors.ModelNotFoundError(f"the {name} adapter {d} has no adapter_config.json; "
-                                            "re-run train (or, for the champion, the evaluate task)")
+            raise errors.ModelNotFoundError(
+                f"the {name} adapter {d} has no adapter_config.json; "
+                "re-run train (or, for the champion, the evaluate task)"
+            )
     return req
 
 
@@ -90,8 +97,10 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
     job = spec.load(job_path)
     job_dir = job_path.resolve().parent
     if not job.data.eval_path:
-        raise errors.DataError("this run has no eval set, so there is nothing to compare on; "
-                               "set eval_fraction above 0 or give eval_dataset_path")
+        raise errors.DataError(
+            "this run has no eval set, so there is nothing to compare on; "
+            "set eval_fraction above 0 or give eval_dataset_path"
+        )
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _require_metric_libraries()
@@ -116,8 +125,9 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
     base.config.use_cache = True
     adapters = req["adapters"]
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(_resolve(adapters[names[0]], job_dir)), adapter_name=names[0],
-                                      is_trainable=False)
+    model = PeftModel.from_pretrained(
+        base, str(_resolve(adapters[names[0]], job_dir)), adapter_name=names[0], is_trainable=False
+    )
     for name in names[1:]:
         model.load_adapter(str(_resolve(adapters[name], job_dir)), adapter_name=name, is_trainable=False)
     model.eval()
@@ -147,26 +157,44 @@ def run(job_path: Path, req: dict[str, Any]) -> dict[str, Any]:
             "mean_example_loss": sum(losses) / len(losses),
             "perplexity": perplexity(mean_token_loss),
             "generation": generation_metrics(outputs, references),
-            "behaviour": [{"id": c.id, "passed": not (f := c.check(o)), "failures": f, "output": o[:500]}
-                          for c, o in zip(suite, suite_out, strict=True)],
-            "samples": [{"prompt": p[-300:], "reference": r[:300], "output": o[:300]}
-                        for p, r, o in list(zip(prompts, references, outputs, strict=True))[:3]],
+            "behaviour": [
+                {"id": c.id, "passed": not (f := c.check(o)), "failures": f, "output": o[:500]}
+                for c, o in zip(suite, suite_out, strict=True)
+            ],
+            "samples": [
+                {"prompt": p[-300:], "reference": r[:300], "output": o[:300]}
+                for p, r, o in list(zip(prompts, references, outputs, strict=True))[:3]
+            ],
             "loss_seconds": t_loss,
             "seconds": time.perf_counter() - t0,
         }
-        print(json.dumps({"event": "evaluated", "model": name, "eval_loss": mean_token_loss,
-                          "behaviour_passed": sum(b["passed"] for b in results[name]["behaviour"]),
-                          "cases": len(suite)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "evaluated",
+                    "model": name,
+                    "eval_loss": mean_token_loss,
+                    "behaviour_passed": sum(b["passed"] for b in results[name]["behaviour"]),
+                    "cases": len(suite),
+                }
+            ),
+            flush=True,
+        )
     result = {
         "eval_path": job.data.eval_path,
         "n_examples": len(examples),
         "example_tokens": tokens,
         "n_generation_examples": len(prompts),
         "n_behaviour_cases": len(suite),
-        "settings": {"max_seq_length": job.training.max_seq_length, "max_new_tokens": max_new, "batch_size": batch,
-                     "decoding": "greedy", "device": place.device,
-                     "dtype": str(model_kwargs["dtype"]).removeprefix("torch."),
-                     "quantization": job.model.quantization},
+        "settings": {
+            "max_seq_length": job.training.max_seq_length,
+            "max_new_tokens": max_new,
+            "batch_size": batch,
+            "decoding": "greedy",
+            "device": place.device,
+            "dtype": str(model_kwargs["dtype"]).removeprefix("torch."),
+            "quantization": job.model.quantization,
+        },
         "champion": req["champion"],
         "models": results,
         "load_seconds": load_s,
@@ -198,8 +226,9 @@ class _active:
         return False
 
 
-def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int,
-                     batch: int) -> tuple[list[float], list[int]]:
+def per_example_loss(
+    model, examples: list[dict[str, list[int]]], pad_id: int, batch: int
+) -> tuple[list[float], list[int]]:
     """Each example's mean cross-entropy over its label tokens, and how many label tokens it has."""
     import torch
     import torch.nn.functional as F
@@ -211,13 +240,15 @@ def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int,
     counts: list[int] = []
     with torch.inference_mode():
         for i in range(0, len(examples), batch):
-            b = collate(examples[i:i + batch])
-            logits = model(input_ids=b["input_ids"].to(model.device),
-                           attention_mask=b["attention_mask"].to(model.device),
-                           use_cache=False).logits.float()
+            b = collate(examples[i : i + batch])
+            logits = model(
+                input_ids=b["input_ids"].to(model.device),
+                attention_mask=b["attention_mask"].to(model.device),
+                use_cache=False,
+            ).logits.float()
             labels = b["labels"].to(logits.device)[:, 1:]
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            keep = (labels != IGNORE_INDEX)
+            keep = labels != IGNORE_INDEX
             n = keep.sum(dim=1)
             per = (nll * keep).sum(dim=1) / n.clamp(min=1)
             losses.extend(per.tolist())
@@ -227,8 +258,9 @@ def per_example_loss(model, examples: list[dict[str, list[int]]], pad_id: int,
 
 def _render_user_prompt(job, prompt: str, tok) -> str:
     if job.data.data_format == "chat":
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -269,12 +301,16 @@ def _require_metric_libraries() -> None:
     """Fail before the model loads when the image predates evaluate's dependencies."""
     import importlib.util
 
-    missing = [pkg for mod, pkg in (("rouge_score", "rouge-score"), ("jsonschema", "jsonschema"))
-               if importlib.util.find_spec(mod) is None]
+    missing = [
+        pkg
+        for mod, pkg in (("rouge_score", "rouge-score"), ("jsonschema", "jsonschema"))
+        if importlib.util.find_spec(mod) is None
+    ]
     if missing:
         raise errors.LoraflowTrainerError(
             f"{', '.join(missing)} not installed in the trainer environment; rebuild the trainer image "
-            f"(scripts/build-trainer-image.sh) or pip install 'loraflow-trainer[train]'")
+            f"(scripts/build-trainer-image.sh) or pip install 'loraflow-trainer[train]'"
+        )
 
 
 def _interrupt(signum, frame):

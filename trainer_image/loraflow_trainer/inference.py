@@ -35,9 +35,18 @@ def has_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def complete(model, tok, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 32,
-             raw: bool = False, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None) -> dict[str, Any]:
+def complete(
+    model,
+    tok,
+    prompt: str | None = None,
+    *,
+    messages: list[dict] | None = None,
+    max_new_tokens: int = 32,
+    raw: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """One completion: ``messages`` (or a bare ``prompt`` as one user turn) through the chat template, unless ``raw``.
 
     ``temperature`` 0 is greedy decoding (what ``generate`` and the trainer's samples use).
@@ -46,8 +55,9 @@ def complete(model, tok, prompt: str | None = None, *, messages: list[dict] | No
 
     chat = messages is not None or (has_chat_template(tok) and not raw)
     if chat:
-        text = tok.apply_chat_template(messages or [{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            messages or [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
@@ -60,11 +70,15 @@ def complete(model, tok, prompt: str | None = None, *, messages: list[dict] | No
             torch.manual_seed(int(seed))
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=pad, **kwargs)
-    new = out[0, enc["input_ids"].shape[1]:]
+    new = out[0, enc["input_ids"].shape[1] :]
     stopped = tok.eos_token_id is not None and len(new) > 0 and int(new[-1]) == tok.eos_token_id
-    return {"completion": tok.decode(new, skip_special_tokens=True), "chat_template": chat,
-            "prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": int(len(new)),
-            "finish_reason": "stop" if stopped else "length"}
+    return {
+        "completion": tok.decode(new, skip_special_tokens=True),
+        "chat_template": chat,
+        "prompt_tokens": int(enc["input_ids"].shape[1]),
+        "completion_tokens": int(len(new)),
+        "finish_reason": "stop" if stopped else "length",
+    }
 
 
 def _child() -> None:
@@ -72,9 +86,17 @@ def _child() -> None:
     request = json.loads(sys.stdin.read())
     model, tok = load(request["model_dir"], request["base_model_path"])
     result = complete(model, tok, request["prompt"], max_new_tokens=request["max_new_tokens"], raw=request["raw"])
-    print(json.dumps({"completion": result["completion"], "device": str(model.device),
-                      "chat_template": result["chat_template"],
-                      "adapter": type(model).__name__}), flush=True)
+    print(
+        json.dumps(
+            {
+                "completion": result["completion"],
+                "device": str(model.device),
+                "chat_template": result["chat_template"],
+                "adapter": type(model).__name__,
+            }
+        ),
+        flush=True,
+    )
 
 
 def merge(adapter: Path, tokenizer: Path, base: str, out: Path) -> str:

@@ -113,19 +113,30 @@ def plan(job: JobSpec) -> Plan:
         p = Plan(n, device, strategy(job, n), "under a launcher (WORLD_SIZE)")
     elif leased and cuda == 0 and os.environ.get(ENV_GPUS_ON_CPU) == "1":
         n = wanted or len(leased)
-        p = Plan(n, "cpu", strategy(job, n),
-                 f"{ENV_GPUS_ON_CPU}=1: GPU(s) {','.join(leased)} stand in as {n} CPU process(es)")
+        p = Plan(
+            n,
+            "cpu",
+            strategy(job, n),
+            f"{ENV_GPUS_ON_CPU}=1: GPU(s) {','.join(leased)} stand in as {n} CPU process(es)",
+        )
     elif leased and cuda < len(leased):
         raise errors.NoGpuError(
             f"this run leased GPU(s) {','.join(leased)} but the trainer sees {cuda} CUDA device(s); install the NVIDIA "
-            "container toolkit on the worker (or fix LORAFLOW_GPU_REQUEST), or set gpus=none to train on CPU")
+            "container toolkit on the worker (or fix LORAFLOW_GPU_REQUEST), or set gpus=none to train on CPU"
+        )
     elif cuda:
         if wanted and wanted > cuda:
-            raise errors.NoGpuError(f"num_processes={wanted} but the trainer sees {cuda} CUDA device(s); "
-                                    f"lower num_processes or give the run {wanted} GPUs")
+            raise errors.NoGpuError(
+                f"num_processes={wanted} but the trainer sees {cuda} CUDA device(s); "
+                f"lower num_processes or give the run {wanted} GPUs"
+            )
         n = wanted or cuda
-        p = Plan(n, "cuda", strategy(job, n),
-                 f"{cuda} CUDA device(s) visible" + (f", num_processes={wanted}" if wanted else ""))
+        p = Plan(
+            n,
+            "cuda",
+            strategy(job, n),
+            f"{cuda} CUDA device(s) visible" + (f", num_processes={wanted}" if wanted else ""),
+        )
     else:
         n = wanted or 1
         p = Plan(n, "cpu", strategy(job, n), f"no CUDA device, num_processes={n}")
@@ -138,12 +149,14 @@ def _check(job: JobSpec, p: Plan) -> None:
         raise errors.JobSpecError(
             f"DP-SGD trains on one process, this run would use {p.world_size}: the privacy accounting assumes one "
             "Poisson-sampled batch per step, which loraflow does not yet split across ranks; give the run one GPU "
-            "(gpus=auto or one id) or set num_processes=1")
+            "(gpus=auto or one id) or set num_processes=1"
+        )
     if p.strategy == "fsdp" and job.model.quantization != "none":
         raise errors.JobSpecError(
             "distributed=fsdp with quantization is not supported yet (sharding k-bit weights needs bitsandbytes quant "
             "storage settings loraflow does not set); use distributed=ddp (a QLoRA model fits one GPU) or "
-            "quantization=none")
+            "quantization=none"
+        )
 
 
 def relaunch(job_path: Path, p: Plan) -> int:
@@ -157,15 +170,24 @@ def relaunch(job_path: Path, p: Plan) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    visible = {k: os.environ[k] for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", ENV_LEASED_GPUS)
-               if k in os.environ}
+    visible = {
+        k: os.environ[k] for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", ENV_LEASED_GPUS) if k in os.environ
+    }
     progress.emit("launch", launcher="torchrun", **asdict(p), devices=visible)
-    args = get_args_parser().parse_args([
-        # One node: rendezvous over loopback (a container without a network cannot resolve its own hostname).
-        "--standalone", "--local-addr=127.0.0.1", f"--nproc-per-node={p.world_size}", "--max-restarts=0",
-        "--monitor-interval=0.5",
-        "-m", "loraflow_trainer", "--job", str(job_path),
-    ])
+    args = get_args_parser().parse_args(
+        [
+            # One node: rendezvous over loopback (a container without a network cannot resolve its own hostname).
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            f"--nproc-per-node={p.world_size}",
+            "--max-restarts=0",
+            "--monitor-interval=0.5",
+            "-m",
+            "loraflow_trainer",
+            "--job",
+            str(job_path),
+        ]
+    )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.world_size)))
     try:
         run(args)
@@ -188,9 +210,16 @@ def rank_failure(failures: dict, world: int) -> errors.LoraflowTrainerError:
     code = _exit_code(first.exitcode)
     cause = _cause(first)
     others = "; ".join(f"rank {r} then failed ({_cause(f)[:120]})" for r, f in ordered[1:])
-    msg = (f"rank {first_rank} of {world} {cause}" + (f"; {others}" if others else "")
-           + "; torchrun stopped the other ranks" + (" (checkpoints kept, a retry resumes)" if code in (
-               errors.EXIT_INTERRUPTED, errors.EXIT_KILLED, errors.EXIT_FAILURE, errors.EXIT_OUT_OF_MEMORY) else ""))
+    msg = (
+        f"rank {first_rank} of {world} {cause}"
+        + (f"; {others}" if others else "")
+        + "; torchrun stopped the other ranks"
+        + (
+            " (checkpoints kept, a retry resumes)"
+            if code in (errors.EXIT_INTERRUPTED, errors.EXIT_KILLED, errors.EXIT_FAILURE, errors.EXIT_OUT_OF_MEMORY)
+            else ""
+        )
+    )
     return errors.RankFailedError(msg, code)
 
 

@@ -60,8 +60,9 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_metrics(job: JobSpec, trainer, output, runtime: float, log: LineLogCallback, model,
-                  place: Placement) -> dict[str, Any]:
+def train_metrics(
+    job: JobSpec, trainer, output, runtime: float, log: LineLogCallback, model, place: Placement
+) -> dict[str, Any]:
     """Loss, tokens, throughput, memory and cost of the training loop that just ended.
 
     ``output`` is ``Trainer.train``'s result, ``runtime`` this attempt's seconds in it.

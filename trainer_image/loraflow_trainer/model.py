@@ -59,8 +59,9 @@ def quantization_config(job: JobSpec, dtype: torch.dtype) -> BitsAndBytesConfig 
     return None
 
 
-def from_pretrained_kwargs(job: JobSpec, job_dir: Path, place: Placement,
-                           add_max_memory: bool = True) -> dict[str, Any]:
+def from_pretrained_kwargs(
+    job: JobSpec, job_dir: Path, place: Placement, add_max_memory: bool = True
+) -> dict[str, Any]:
     """Arguments for ``from_pretrained``: config (RoPE scaling applied), dtype, quantization, memory cap.
 
     Raises ModelNotFoundError for a local directory that is not a saved model, or a base
@@ -71,8 +72,9 @@ def from_pretrained_kwargs(job: JobSpec, job_dir: Path, place: Placement,
     if local is not None and not contract.is_model_dir(local):
         raise ModelNotFoundError(contract.missing_model_message(local))
     try:
-        config = AutoConfig.from_pretrained(source(job, job_dir), revision=m.model_revision,
-                                            trust_remote_code=m.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            source(job, job_dir), revision=m.model_revision, trust_remote_code=m.trust_remote_code
+        )
     except OSError as exc:
         raise ModelNotFoundError(
             f"base model {m.base_model!r} could not be loaded ({str(exc).splitlines()[0][:160]}); "
@@ -171,5 +173,6 @@ def unshard(trainer, model, job: JobSpec, job_dir: Path, kwargs: dict[str, Any],
     lora_missing = [k for k in missing if "lora_" in k]
     if lora_missing or unexpected:
         raise RuntimeError(
-            f"FSDP state dict does not fit the LoRA model (missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+            f"FSDP state dict does not fit the LoRA model (missing {lora_missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return fresh.to(place.torch_device)

@@ -33,8 +33,17 @@ from loraflow_trainer.model import base_model_dir
 from loraflow_trainer.spec import JobSpec
 
 
-def save(output_dir: Path, job: JobSpec, job_dir: Path, model, tokenizer, metrics: dict[str, Any],
-         samples: list[dict[str, Any]], accounting: dict[str, Any] | None, device: str) -> Path:
+def save(
+    output_dir: Path,
+    job: JobSpec,
+    job_dir: Path,
+    model,
+    tokenizer,
+    metrics: dict[str, Any],
+    samples: list[dict[str, Any]],
+    accounting: dict[str, Any] | None,
+    device: str,
+) -> Path:
     """Write the trained ``model``'s outputs (see the module docstring) into ``output_dir``; return it."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +92,12 @@ def metadata(staging: Path, job: JobSpec, base_dir: Path | None, ref: dict[str, 
 
     from loraflow_trainer import __version__
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__}
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
     for name in ("bitsandbytes", "opacus", "mlflow"):
         try:
             versions[name] = __import__(name).__version__
@@ -92,7 +105,9 @@ def metadata(staging: Path, job: JobSpec, base_dir: Path | None, ref: dict[str, 
             pass
     checksums = {
         str(p.relative_to(staging)): base_model.file_sha256(p)
-        for sub in (contract.ADAPTER_DIR, contract.MODEL_DIR) for p in sorted((staging / sub).rglob("*")) if p.is_file()
+        for sub in (contract.ADAPTER_DIR, contract.MODEL_DIR)
+        for p in sorted((staging / sub).rglob("*"))
+        if p.is_file()
     }
     return {
         "base_model": job.model.base_model,
@@ -117,11 +132,16 @@ def save_mlflow_model(path: Path, model, tokenizer, job: JobSpec, base_dir: Path
     from mlflow.models import infer_signature
 
     signature = infer_signature(
-        model_input=["prompt"], model_output=["completion"],
+        model_input=["prompt"],
+        model_output=["completion"],
         params={"max_new_tokens": job.evaluation.sample_max_new_tokens, "do_sample": False, "temperature": 1.0},
     )
-    pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-           f"peft=={peft.__version__}", f"mlflow-skinny=={mlflow.__version__}"]
+    pip = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"peft=={peft.__version__}",
+        f"mlflow-skinny=={mlflow.__version__}",
+    ]
     mlflow.transformers.save_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         path=str(path),
@@ -131,8 +151,11 @@ def save_mlflow_model(path: Path, model, tokenizer, job: JobSpec, base_dir: Path
         # Serve the completion, not the prompt echoed back in front of it.
         model_config={"return_full_text": False},
         base_model_path=str(base_dir) if base_dir else None,
-        metadata={"loraflow.base_model": job.model.base_model, "loraflow.spec_hash": job.spec_hash(),
-                  base_model.REF_KEY: ref},
+        metadata={
+            "loraflow.base_model": job.model.base_model,
+            "loraflow.spec_hash": job.spec_hash(),
+            base_model.REF_KEY: ref,
+        },
     )
     if base_dir is not None:
         bundle_base_resolver(path)
@@ -162,10 +185,20 @@ def code_provenance(trainer_version: str) -> dict[str, str | None]:
     commit = os.environ.get("LORAFLOW_GIT_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip() or None
+            commit = (
+                subprocess.run(
+                    ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.SubprocessError):  # no git in the image: the image digest identifies the code
             commit = None
-    return {"loraflow_trainer": trainer_version, "git_commit": commit,
-            "image": os.environ.get("LORAFLOW_IMAGE") or None,
-            "image_digest": os.environ.get("LORAFLOW_IMAGE_DIGEST") or None}
+    return {
+        "loraflow_trainer": trainer_version,
+        "git_commit": commit,
+        "image": os.environ.get("LORAFLOW_IMAGE") or None,
+        "image_digest": os.environ.get("LORAFLOW_IMAGE_DIGEST") or None,
+    }

@@ -132,22 +132,36 @@ def _log_line(r: dict[str, Any]) -> str:
 
 
 def _info_line(r: dict[str, Any]) -> str:
-    what = [f"on {r['device']}" if r.get("device") else "",
-            f"base model {r['base_model']}" if r.get("base_model") else "",
-            f"quantization {r['quantization']}" if r.get("quantization") not in (None, "none") else "",
-            "with DP-SGD" if r.get("dp_enabled") else ""]
-    return (f"loraflow-train: {r.get('backend', 'trainer')} " + ", ".join(filter(None, what))
-            + f"; outputs to {r.get('output_dir')}")
+    what = [
+        f"on {r['device']}" if r.get("device") else "",
+        f"base model {r['base_model']}" if r.get("base_model") else "",
+        f"quantization {r['quantization']}" if r.get("quantization") not in (None, "none") else "",
+        "with DP-SGD" if r.get("dp_enabled") else "",
+    ]
+    return (
+        f"loraflow-train: {r.get('backend', 'trainer')} "
+        + ", ".join(filter(None, what))
+        + f"; outputs to {r.get('output_dir')}"
+    )
 
 
 def _data_line(r: dict[str, Any]) -> str:
-    return (f"data: {r['train_examples']:,} training examples ({r['train_tokens']:,} tokens), "
-            f"{r.get('eval_examples', 0):,} eval examples")
+    return (
+        f"data: {r['train_examples']:,} training examples ({r['train_tokens']:,} tokens), "
+        f"{r.get('eval_examples', 0):,} eval examples"
+    )
 
 
 def _metrics_line(r: dict[str, Any]) -> str:
-    keys = ("eval_loss", "perplexity", "final_train_loss", "train_loss", "tokens_per_second", "train_runtime_s",
-            "epsilon")
+    keys = (
+        "eval_loss",
+        "perplexity",
+        "final_train_loss",
+        "train_loss",
+        "tokens_per_second",
+        "train_runtime_s",
+        "epsilon",
+    )
     return "metrics: " + "  ".join(f"{k} {_num(r[k])}" for k in keys if k in r)
 
 
@@ -162,14 +176,18 @@ _FORMATS = {
     "failed": lambda r: f"failed (exit {r['exit_code']}): {r['error']}",
     "warning": lambda r: f"warning: {r['message']}",
     "tiny_model": lambda r: f"tiny model written to {r['path']}",
-    "dp": lambda r: (f"DP-SGD: noise multiplier {_num(r['noise_multiplier'])}, sample rate {_num(r['sample_rate'])}, "
-                     f"delta {_num(r['delta'])}, {r['planned_steps']:,} steps planned, "
-                     f"clip norm {_num(r['max_grad_norm'])}, {r['randomness']} randomness"
-                     + ("" if r.get("train_metrics_logged") else "; private train loss not logged")),
+    "dp": lambda r: (
+        f"DP-SGD: noise multiplier {_num(r['noise_multiplier'])}, sample rate {_num(r['sample_rate'])}, "
+        f"delta {_num(r['delta'])}, {r['planned_steps']:,} steps planned, "
+        f"clip norm {_num(r['max_grad_norm'])}, {r['randomness']} randomness"
+        + ("" if r.get("train_metrics_logged") else "; private train loss not logged")
+    ),
     "dp_new_sampler": lambda r: f"DP-SGD: fresh batch sampler from step {r['step']} ({r['reason']})",
-    "dp_recalibrated": lambda r: (f"DP-SGD: epsilon {_num(r['spent_epsilon'])} already spent; noise multiplier "
-                                  f"{_num(r['old_noise_multiplier'])} -> {_num(r['noise_multiplier'])} for the "
-                                  f"{r['remaining_steps']:,} remaining steps"),
+    "dp_recalibrated": lambda r: (
+        f"DP-SGD: epsilon {_num(r['spent_epsilon'])} already spent; noise multiplier "
+        f"{_num(r['old_noise_multiplier'])} -> {_num(r['noise_multiplier'])} for the "
+        f"{r['remaining_steps']:,} remaining steps"
+    ),
 }
 
 

@@ -72,9 +72,17 @@ def run(job: JobSpec, job_dir: Path, built: Built | None = None) -> dict[str, An
         built.model = model.unshard(trainer, built.model, job, job_dir, built.model_kwargs, place)
     if place.is_main:
         after = samples.generate(built.model, tokenizer, job, datasets.sample_prompts, max_new)
-        outputs.save(out, job, job_dir, built.model, tokenizer, results,
-                     samples.sample_rows(datasets.sample_prompts, before, after),
-                     accounting=trainer.accounting_record() if job.privacy.dp_enabled else None, device=place.device)
+        outputs.save(
+            out,
+            job,
+            job_dir,
+            built.model,
+            tokenizer,
+            results,
+            samples.sample_rows(datasets.sample_prompts, before, after),
+            accounting=trainer.accounting_record() if job.privacy.dp_enabled else None,
+            device=place.device,
+        )
     return results
 
 
@@ -85,10 +93,16 @@ def setup(job: JobSpec, job_dir: Path, out: Path, place: Placement, built: Built
     base, built.tokenizer = model.load(job, job_dir, built.model_kwargs, place)
     built.model = model.apply_lora(base, job)
     built.datasets = data.build_datasets(job, job_dir, built.tokenizer)
-    args = training.arguments(job, place, built.model_kwargs["dtype"], out / contract.CHECKPOINTS_DIR,
-                              eval_set=built.datasets.eval is not None)
-    built.trainer = training.build_trainer(job, built.model, built.tokenizer, built.datasets, args, place,
-                                           callbacks=[built.log, built.stop])
+    args = training.arguments(
+        job,
+        place,
+        built.model_kwargs["dtype"],
+        out / contract.CHECKPOINTS_DIR,
+        eval_set=built.datasets.eval is not None,
+    )
+    built.trainer = training.build_trainer(
+        job, built.model, built.tokenizer, built.datasets, args, place, callbacks=[built.log, built.stop]
+    )
     return built
 
 
@@ -110,6 +124,12 @@ def teardown(built: Built) -> None:
 
 def describe(job: JobSpec, job_dir: Path, out: Path, place: Placement) -> dict[str, Any]:
     """What this run is: the first event of each attempt."""
-    return {"backend": BACKEND, "job_dir": str(job_dir), "output_dir": str(out), "device": place.device,
-            "base_model": job.model.base_model, "quantization": job.model.quantization,
-            "dp_enabled": job.privacy.dp_enabled}
+    return {
+        "backend": BACKEND,
+        "job_dir": str(job_dir),
+        "output_dir": str(out),
+        "device": place.device,
+        "base_model": job.model.base_model,
+        "quantization": job.model.quantization,
+        "dp_enabled": job.privacy.dp_enabled,
+    }

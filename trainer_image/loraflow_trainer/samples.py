@@ -14,8 +14,15 @@ from loraflow_trainer.data import encode_prompts, left_pad
 from loraflow_trainer.spec import JobSpec
 
 
-def generate(model, tokenizer, job: JobSpec, prompts: list[str], max_new_tokens: int, batch_size: int | None = None,
-             max_prompt_tokens: int | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    job: JobSpec,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> list[str]:
     """Greedy completions, decoded without special tokens, in batches of ``batch_size`` (all at once by default).
 
     Prompts are left padded, so a batch generates as its prompts would alone; with
@@ -30,7 +37,7 @@ def generate(model, tokenizer, job: JobSpec, prompts: list[str], max_new_tokens:
     outs: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            ids = encode_prompts(job, prompts[i:i + batch_size], tokenizer)
+            ids = encode_prompts(job, prompts[i : i + batch_size], tokenizer)
             if max_prompt_tokens:
                 ids = [x[-max_prompt_tokens:] for x in ids]
             padded, mask, width = left_pad(ids, tokenizer.pad_token_id)
@@ -38,8 +45,12 @@ def generate(model, tokenizer, job: JobSpec, prompts: list[str], max_new_tokens:
             # no_grad, not inference_mode: a model still to be trained must not cache inference tensors.
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention_mask.to(model.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
                 )
             outs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     finally:

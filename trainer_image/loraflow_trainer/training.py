@@ -36,8 +36,9 @@ FIXED_RUNTIME_TRAINING_ARGS: dict[str, Any] = {
 }
 
 
-def arguments(job: JobSpec, place: Placement, dtype: torch.dtype, checkpoint_dir: Path, eval_set: bool,
-              **overrides: Any) -> TrainingArguments:
+def arguments(
+    job: JobSpec, place: Placement, dtype: torch.dtype, checkpoint_dir: Path, eval_set: bool, **overrides: Any
+) -> TrainingArguments:
     """The job's training and evaluation sections as TrainingArguments, for this placement.
 
     ``dtype`` is the one the model was loaded in (bfloat16 turns on bf16 autocast);
@@ -74,10 +75,16 @@ def arguments(job: JobSpec, place: Placement, dtype: torch.dtype, checkpoint_dir
     )
     if place.strategy == "fsdp":
         # accelerate's FSDP2 (fully_shard) wraps each decoder layer (the model's _no_split_modules).
-        args.update(fsdp="full_shard auto_wrap", fsdp_config={
-            "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
-            "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT",
-        })
+        args.update(
+            fsdp="full_shard auto_wrap",
+            fsdp_config={
+                "fsdp_version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "reshard_after_forward": True,
+                "cpu_ram_efficient_loading": False,
+                "state_dict_type": "SHARDED_STATE_DICT",
+            },
+        )
     if job.privacy.dp_enabled:
         # One Poisson batch is one optimizer step (the accountant's unit), so the
         # logical batch is drawn whole; clipping is per sample, inside the DPOptimizer.
@@ -101,8 +108,9 @@ def collator(job: JobSpec, tokenizer, place: Placement):
     return data.PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if place.device == "cuda" else None)
 
 
-def build_trainer(job: JobSpec, model, tokenizer, datasets: data.Datasets, args: TrainingArguments,
-                  place: Placement, callbacks: list) -> Trainer:
+def build_trainer(
+    job: JobSpec, model, tokenizer, datasets: data.Datasets, args: TrainingArguments, place: Placement, callbacks: list
+) -> Trainer:
     """The HF Trainer, or the DP-SGD trainer (``dp.OpacusDPTrainer``) for a DP job, with loraflow's
     collator, eval metrics and callbacks."""
     kwargs = dict(

@@ -55,8 +55,15 @@ def record(
 ) -> dict[str, Any]:
     """Write one move to the registered model's log (before the move itself, so no move goes unrecorded)."""
     now = _now()
-    entry = {"alias": alias, "from": previous, "to": str(version), "by": by[:200], "kind": kind,
-             "reason": (reason or "")[:MAX_REASON], "at": now.isoformat(timespec="microseconds")}
+    entry = {
+        "alias": alias,
+        "from": previous,
+        "to": str(version),
+        "by": by[:200],
+        "kind": kind,
+        "reason": (reason or "")[:MAX_REASON],
+        "at": now.isoformat(timespec="microseconds"),
+    }
     mc.set_registered_model_tag(name, f"{MOVE_PREFIX}{now:%Y%m%dT%H%M%S%f}Z-{secrets.token_hex(3)}", json.dumps(entry))
     return entry
 
@@ -80,8 +87,17 @@ def moves(mc, name: str) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(tags[key]))
         except ValueError:  # a hand-edited tag: shown, not trusted
-            out.append({"alias": "?", "from": None, "to": "?", "by": "?", "kind": "unreadable",
-                        "reason": tags[key][:200], "at": key[len(MOVE_PREFIX):]})
+            out.append(
+                {
+                    "alias": "?",
+                    "from": None,
+                    "to": "?",
+                    "by": "?",
+                    "kind": "unreadable",
+                    "reason": tags[key][:200],
+                    "at": key[len(MOVE_PREFIX) :],
+                }
+            )
     return out
 
 
@@ -112,10 +128,11 @@ def history(uri: str, name: str) -> dict[str, Any]:
 def promote(uri: str, name: str, version: str, alias: str, reason: str, by: str | None = None) -> dict[str, Any]:
     """Point ``alias`` at ``name`` version ``version`` and record who did it (``by``, else the OS user) and why."""
     if not reason or not reason.strip():
-        raise LoraflowError("a promotion needs a reason; pass --reason \"why this version\"")
+        raise LoraflowError('a promotion needs a reason; pass --reason "why this version"')
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", alias) or alias.lower() == "latest":
-        raise LoraflowError(f"{alias!r} is not a valid alias; use letters, digits, '-' or '_' (e.g. champion), "
-                            "not 'latest'")
+        raise LoraflowError(
+            f"{alias!r} is not a valid alias; use letters, digits, '-' or '_' (e.g. champion), not 'latest'"
+        )
     before = show(uri, Ref(name, version=str(version)))  # raises NotFound with the versions there are
     by, reason = by or who(), reason.strip()
     mc = mlflow_client(uri)
@@ -127,8 +144,12 @@ def promote(uri: str, name: str, version: str, alias: str, reason: str, by: str 
         for key, value in record_tags.items():
             mc.set_model_version_tag(name, str(version), key, value)
     after = show(uri, Ref(name, version=str(version)))
-    return {**after, "alias": alias, "previous_version": str(previous) if previous is not None else None,
-            "was_aliases": before["aliases"]}
+    return {
+        **after,
+        "alias": alias,
+        "previous_version": str(previous) if previous is not None else None,
+        "was_aliases": before["aliases"],
+    }
 
 
 def rollback(uri: str, name: str, reason: str, *, alias: str = T.CHAMPION, by: str | None = None) -> dict[str, Any]:
@@ -136,7 +157,7 @@ def rollback(uri: str, name: str, reason: str, *, alias: str = T.CHAMPION, by: s
     from mlflow.exceptions import MlflowException
 
     if not reason or not reason.strip():
-        raise LoraflowError("a rollback needs a reason; pass --reason \"why the current version is withdrawn\"")
+        raise LoraflowError('a rollback needs a reason; pass --reason "why the current version is withdrawn"')
     mc = mlflow_client(uri)
     with reachable(uri, interactive=True):
         model = registered_model(mc, uri, name)
@@ -156,14 +177,21 @@ def rollback(uri: str, name: str, reason: str, *, alias: str = T.CHAMPION, by: s
 
         target = previous_holder(log, alias, str(current), exists)
         if target is None:
-            raise RegistryError(f"no earlier {alias} of {name} is recorded to roll back to (it is on v{current}; "
-                                f"{len([m for m in log if m.get('alias') == alias])} recorded moves); "
-                                f"point it at a version by hand with "
-                                f"`loraflow models promote {name} VERSION --reason ...`")
+            raise RegistryError(
+                f"no earlier {alias} of {name} is recorded to roll back to (it is on v{current}; "
+                f"{len([m for m in log if m.get('alias') == alias])} recorded moves); "
+                f"point it at a version by hand with "
+                f"`loraflow models promote {name} VERSION --reason ...`"
+            )
         by = by or who()
         entry = move(mc, name, alias, target, by=by, kind="rollback", reason=reason.strip())
-        withdrawn = {"alias": alias, "to": target, "by": by, "reason": reason.strip()[:MAX_REASON],
-                     "at": entry["at"] if entry else _now().isoformat()}
+        withdrawn = {
+            "alias": alias,
+            "to": target,
+            "by": by,
+            "reason": reason.strip()[:MAX_REASON],
+            "at": entry["at"] if entry else _now().isoformat(),
+        }
         mc.set_model_version_tag(name, str(current), ROLLED_BACK, json.dumps(withdrawn))
     return {"name": name, "alias": alias, "from": str(current), "to": target, "by": by, "reason": reason.strip()}
 
@@ -217,13 +245,16 @@ def advance(
         if _is_older(mine, champion_mv):
             notes.append(f"champion stays on v{champion_mv.version}: {_why_older(mine, champion_mv)}")
         elif rolled_back:
-            notes.append(f"champion stays on v{champion_mv.version}: champion was rolled back from v{version} "
-                         f"({rolled_back})")
+            notes.append(
+                f"champion stays on v{champion_mv.version}: champion was rolled back from v{version} ({rolled_back})"
+            )
         elif gate is not None:
             if gate.champion_version != champion_mv.version:
                 compared = "v" + gate.champion_version if gate.champion_version else "no champion"
-                notes.append(f"champion stays on v{champion_mv.version}: evaluate compared with {compared}, "
-                             "and the champion has moved since; clear evaluate and register to compare again")
+                notes.append(
+                    f"champion stays on v{champion_mv.version}: evaluate compared with {compared}, "
+                    "and the champion has moved since; clear evaluate and register to compare again"
+                )
             elif gate.promote:
                 promote_here(gate.reason)
                 champion = version
@@ -270,8 +301,9 @@ def _is_older(mv, other) -> bool:
 def _why_older(mv, other) -> str:
     (t1, _), (t2, _) = _order(mv), _order(other)
     if t1 is not None and t2 is not None and t1 != t2:
-        return (f"v{mv.version} is from the run of {t1.isoformat()}, "
-                f"older than v{other.version}'s run of {t2.isoformat()}")
+        return (
+            f"v{mv.version} is from the run of {t1.isoformat()}, older than v{other.version}'s run of {t2.isoformat()}"
+        )
     return f"v{mv.version} was registered before v{other.version}"
 
 

@@ -42,8 +42,14 @@ def http_defaults(*, interactive: bool = False) -> None:
 
 
 # How the 3.17 client words "no answer" (transport errors, timeouts, a 5xx page from a proxy).
-_UNREACHABLE = ("failed with exception", "failed with timeout exception", "Max retries exceeded", "Connection refused",
-                "Read timed out", "failed with error code 5")
+_UNREACHABLE = (
+    "failed with exception",
+    "failed with timeout exception",
+    "Max retries exceeded",
+    "Connection refused",
+    "Read timed out",
+    "failed with error code 5",
+)
 
 
 @contextlib.contextmanager
@@ -67,17 +73,21 @@ def reachable(uri: str, *, interactive: bool = False) -> Iterator[None]:
         if any(s in text for s in _UNREACHABLE):
             raise _unavailable(uri, first, interactive) from None
         if "failed with error code 403" in text or "failed with error code 401" in text:
-            raise RegistryError(f"MLflow at {uri} refused loraflow ({first}); set MLFLOW_TRACKING_USERNAME/PASSWORD, "
-                                "or start the server with --allowed-hosts for this host name") from None
+            raise RegistryError(
+                f"MLflow at {uri} refused loraflow ({first}); set MLFLOW_TRACKING_USERNAME/PASSWORD, "
+                "or start the server with --allowed-hosts for this host name"
+            ) from None
         raise
 
 
 def _unavailable(uri: str, cause: str, interactive: bool) -> RegistryUnavailable:
     if interactive:
-        return RegistryUnavailable(f"cannot reach the MLflow tracking server at {uri}; "
-                                   "start it or set MLFLOW_TRACKING_URI to the right server")
-    return RegistryUnavailable(f"MLflow at {uri} is unreachable ({cause}); "
-                               "the task retries, outputs stay in the workspace")
+        return RegistryUnavailable(
+            f"cannot reach the MLflow tracking server at {uri}; start it or set MLFLOW_TRACKING_URI to the right server"
+        )
+    return RegistryUnavailable(
+        f"MLflow at {uri} is unreachable ({cause}); the task retries, outputs stay in the workspace"
+    )
 
 
 def is_missing(exc: Exception) -> bool:

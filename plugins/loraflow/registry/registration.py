@@ -31,8 +31,13 @@ from loraflow_trainer import contract
 # Per-step series from the trainer's events (output/events.jsonl) -> MLflow metric names. The
 # names are those of HF's own MLflow integration; the windowed throughput has its own name
 # because ``tokens_per_second`` is the run's overall figure in metrics.json.
-HISTORY_METRICS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                   "tokens_per_second": "step_tokens_per_second", "eval_loss": "eval_loss"}
+HISTORY_METRICS = {
+    "loss": "loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "tokens_per_second": "step_tokens_per_second",
+    "eval_loss": "eval_loss",
+}
 
 
 @dataclass(frozen=True)
@@ -52,16 +57,19 @@ class Registration:
 def verify_outputs(output_dir: Path) -> dict[str, Any]:
     """Refuse outputs that are incomplete or altered since the trainer wrote them; return metadata.json."""
     if not (output_dir / contract.SUCCESS).exists():
-        raise RegistryError(f"{output_dir} has no {contract.SUCCESS} marker: training did not finish; "
-                            "re-run the train task")
+        raise RegistryError(
+            f"{output_dir} has no {contract.SUCCESS} marker: training did not finish; re-run the train task"
+        )
     metadata = json.loads((output_dir / contract.METADATA_FILE).read_text())
     for rel, expected in metadata.get("checksums", {}).items():
         path = output_dir / rel
         if not path.exists():
             raise RegistryError(f"{path} listed in {contract.METADATA_FILE} is missing; re-run the train task")
         if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-            raise RegistryError(f"{path} does not match its checksum in {contract.METADATA_FILE} "
-                                "(corrupted or altered); re-run the train task")
+            raise RegistryError(
+                f"{path} does not match its checksum in {contract.METADATA_FILE} "
+                "(corrupted or altered); re-run the train task"
+            )
     check_privacy(output_dir)
     return metadata
 
@@ -77,16 +85,20 @@ def check_privacy(output_dir: Path) -> None:
     if "epsilon" not in metrics and not accounting_path.exists():
         return  # not a DP run
     if not accounting_path.exists():
-        raise RegistryError(f"{output_dir} reports epsilon but has no {contract.ACCOUNTING_FILE}, so the privacy "
-                            "spent cannot be checked; re-run the train task with this loraflow version")
+        raise RegistryError(
+            f"{output_dir} reports epsilon but has no {contract.ACCOUNTING_FILE}, so the privacy "
+            "spent cannot be checked; re-run the train task with this loraflow version"
+        )
     accounting = json.loads(accounting_path.read_text())
     target = float(accounting.get("target_epsilon", metrics.get("dp_target_epsilon", math.inf)))
     recorded = {contract.ACCOUNTING_FILE: accounting.get("epsilon"), contract.METRICS_FILE: metrics.get("epsilon")}
     for where, eps in recorded.items():
         if eps is None or not math.isfinite(float(eps)) or float(eps) > target * (1 + 1e-9):
-            raise RegistryError(f"{output_dir}/{where} records epsilon {eps} over the target {target:g}: a version "
-                                "over its privacy target is never registered; retrain within the budget (lower "
-                                "max_steps or raise dp_target_epsilon)")
+            raise RegistryError(
+                f"{output_dir}/{where} records epsilon {eps} over the target {target:g}: a version "
+                "over its privacy target is never registered; retrain within the budget (lower "
+                "max_steps or raise dp_target_epsilon)"
+            )
 
 
 def output_digest(metadata: dict[str, Any]) -> str:
@@ -168,12 +180,12 @@ def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: 
     plist = [Param(k, _param_value(v)) for k, v in sorted(params.items()) if k not in existing]
     mlist = [Metric(k, float(v), 0, 0) for k, v in sorted(metrics.items()) if _finite(v)]
     for i in range(0, max(len(plist), 1), 100):
-        mc.log_batch(run_id, params=plist[i:i + 100], metrics=mlist if i == 0 else [])
+        mc.log_batch(run_id, params=plist[i : i + 100], metrics=mlist if i == 0 else [])
     out = workspace / contract.OUTPUT_DIR
     if not mc.get_metric_history(run_id, "loss"):  # a retried register does not log the curves twice
         history = metric_history(out)
         for i in range(0, len(history), 1000):
-            mc.log_batch(run_id, metrics=history[i:i + 1000])
+            mc.log_batch(run_id, metrics=history[i : i + 1000])
     mc.log_artifacts(run_id, str(out / contract.MODEL_DIR), T.MODEL_ARTIFACT)
     for name in contract.OUTPUT_FILES:
         if (out / name).exists():
@@ -245,9 +257,14 @@ def register(
             with contextlib.suppress(MlflowException):  # it exists already
                 mc.create_registered_model(name, description="LoRA adapters fine-tuned by loraflow")
             gate_value = metrics.get(gate_metric)
-            version_tags = {T.RUN_KEY: run_key, **tags, T.GATE_METRIC: gate_metric,
-                            T.GATE_VALUE: "" if gate_value is None else str(gate_value), T.ADAPTER_SHA256: digest,
-                            **({T.RUN_TIME: run_time} if run_time else {})}
+            version_tags = {
+                T.RUN_KEY: run_key,
+                **tags,
+                T.GATE_METRIC: gate_metric,
+                T.GATE_VALUE: "" if gate_value is None else str(gate_value),
+                T.ADAPTER_SHA256: digest,
+                **({T.RUN_TIME: run_time} if run_time else {}),
+            }
             version_tags.update(cost.version_tags(metrics))  # devices, device/GPU-seconds, tokens/s per device, cost
             artifact_uri = mc.get_run(run_id).info.artifact_uri
             mv = mc.create_model_version(name, f"{artifact_uri}/{T.MODEL_ARTIFACT}", run_id=run_id, tags=version_tags)
@@ -289,8 +306,9 @@ def _require_same_outputs(mc, name: str, version: str, digest: str, out: Path) -
     if not theirs and mv.run_id:  # registered before the digest tag existed: read the run's metadata.json
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                theirs = output_digest(json.loads(Path(mc.download_artifacts(mv.run_id, contract.METADATA_FILE, tmp))
-                                                  .read_text()))
+                theirs = output_digest(
+                    json.loads(Path(mc.download_artifacts(mv.run_id, contract.METADATA_FILE, tmp)).read_text())
+                )
             except (OSError, ValueError, MlflowException):
                 theirs = None
     if theirs and theirs != digest:
@@ -341,9 +359,14 @@ def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineag
     mc = mlflow_client(uri)
     source = f"{info['name']}/{info['version']}"
     base = lineage["base"].get("reference") or {}
-    tags = {T.SOURCE_MODEL: info["name"], T.SOURCE_VERSION: info["version"], T.EXPORT_FORMAT: lineage["format"],
-            T.BASE_REF: str(base.get("name") or base.get("id") or ""), T.BASE_SHA256: str(base.get("sha256") or ""),
-            T.EXPORT_KEY: f"{source}/{lineage['format']}"}
+    tags = {
+        T.SOURCE_MODEL: info["name"],
+        T.SOURCE_VERSION: info["version"],
+        T.EXPORT_FORMAT: lineage["format"],
+        T.BASE_REF: str(base.get("name") or base.get("id") or ""),
+        T.BASE_SHA256: str(base.get("sha256") or ""),
+        T.EXPORT_KEY: f"{source}/{lineage['format']}",
+    }
     # MLflow prints run links on stdout; the CLI's stdout is its --json answer.
     with reachable(uri, interactive=True), contextlib.redirect_stdout(sys.stderr):
         found = search_versions(mc, name, {T.EXPORT_KEY: tags[T.EXPORT_KEY]})
@@ -354,8 +377,9 @@ def register_export(uri: str, info: dict[str, Any], out: Path, name: str, lineag
         mc.log_artifacts(run.info.run_id, str(out), "merged")
         mc.set_terminated(run.info.run_id, "FINISHED")
         with contextlib.suppress(MlflowException):  # it exists already
-            mc.create_registered_model(name, description=f"{info['name']} adapters merged into their base model "
-                                                         "by loraflow")
+            mc.create_registered_model(
+                name, description=f"{info['name']} adapters merged into their base model by loraflow"
+            )
         mv = mc.create_model_version(name, f"{run.info.artifact_uri}/merged", run_id=run.info.run_id, tags=tags)
         mc.set_model_version_tag(info["name"], info["version"], T.MERGED_VERSION, f"{name}/{mv.version}")
     return {"name": name, "version": str(mv.version), "created": True, "mlflow_run_id": run.info.run_id}

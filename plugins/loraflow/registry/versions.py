@@ -56,8 +56,10 @@ class Ref:
     def parse(cls, text: str) -> Ref:
         m = _REF.match(text.strip())
         if not m or not m["name"]:
-            raise LoraflowError(f"{text!r} is not a model reference; write NAME@ALIAS (e.g. my-model@champion) "
-                                "or NAME/VERSION (e.g. my-model/3)")
+            raise LoraflowError(
+                f"{text!r} is not a model reference; write NAME@ALIAS (e.g. my-model@champion) "
+                "or NAME/VERSION (e.g. my-model/3)"
+            )
         return cls(m["name"], m["alias"], m["version"])
 
     def __str__(self) -> str:
@@ -75,8 +77,9 @@ def registered_model(mc, uri: str, name: str):
         return mc.get_registered_model(name)
     except MlflowException as exc:
         if is_missing(exc):
-            raise NotFound(f"no registered model named {name!r} in {uri}; "
-                           "`loraflow models list` shows the names") from None
+            raise NotFound(
+                f"no registered model named {name!r} in {uri}; `loraflow models list` shows the names"
+            ) from None
         raise
 
 
@@ -101,8 +104,9 @@ def _find(mc, uri: str, ref: Ref):
     if ref.alias:
         if ref.alias not in (rm.aliases or {}):
             have = ", ".join(sorted(rm.aliases or {})) or "none"
-            raise NotFound(f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {have}); "
-                           "use one of those or NAME/VERSION")
+            raise NotFound(
+                f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {have}); use one of those or NAME/VERSION"
+            )
         return mc.get_model_version(ref.name, str(rm.aliases[ref.alias])), aliases
     if ref.version:
         try:
@@ -111,8 +115,10 @@ def _find(mc, uri: str, ref: Ref):
             if not is_missing(exc):
                 raise
             have = ", ".join(v.version for v in search_versions(mc, ref.name)) or "none"
-            raise NotFound(f"model {ref.name!r} has no version {ref.version} (versions: {have}); "
-                           f"`loraflow models list --name {ref.name}` shows them") from None
+            raise NotFound(
+                f"model {ref.name!r} has no version {ref.version} (versions: {have}); "
+                f"`loraflow models list --name {ref.name}` shows them"
+            ) from None
     found = search_versions(mc, ref.name)
     if not found:
         raise NotFound(f"model {ref.name!r} has no versions yet; run the loraflow_finetune DAG to register one")
@@ -176,12 +182,14 @@ def list_models(uri: str, name: str | None = None) -> list[dict[str, Any]]:
         out = []
         for rm in models:
             aliases = _aliases_by_version(rm)
-            out.append({
-                "name": rm.name,
-                "description": rm.description or "",
-                "aliases": dict(sorted((rm.aliases or {}).items())),
-                "versions": [describe(mc, uri, mv, aliases) for mv in reversed(search_versions(mc, rm.name))],
-            })
+            out.append(
+                {
+                    "name": rm.name,
+                    "description": rm.description or "",
+                    "aliases": dict(sorted((rm.aliases or {}).items())),
+                    "versions": [describe(mc, uri, mv, aliases) for mv in reversed(search_versions(mc, rm.name))],
+                }
+            )
         return out
 
 
@@ -208,8 +216,11 @@ def mlflow_run_for(uri: str, run_key: str) -> dict[str, str] | None:
         if not runs:
             return None
         run = runs[0]
-        return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "url": run_url(uri, run.info.experiment_id, run.info.run_id)}
+        return {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "url": run_url(uri, run.info.experiment_id, run.info.run_id),
+        }
 
 
 # -- fetching ----------------------------------------------------------------------------
@@ -222,8 +233,10 @@ def pull(uri: str, ref: Ref | str, dest: Path) -> dict[str, Any]:
 
     info = show(uri, ref)
     if not info["mlflow_run_id"]:
-        raise RegistryError(f"{info['name']}/{info['version']} has no MLflow run to pull artifacts from; "
-                            "it was not registered by loraflow")
+        raise RegistryError(
+            f"{info['name']}/{info['version']} has no MLflow run to pull artifacts from; "
+            "it was not registered by loraflow"
+        )
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise LoraflowError(f"{dest} is not empty; pass an empty or new --dest directory")
@@ -232,20 +245,28 @@ def pull(uri: str, ref: Ref | str, dest: Path) -> dict[str, Any]:
     with reachable(uri, interactive=True):
         for path, optional in PULL_ARTIFACTS.items():
             try:
-                download_artifacts(run_id=info["mlflow_run_id"], artifact_path=path, dst_path=str(dest),
-                                   tracking_uri=uri)
+                download_artifacts(
+                    run_id=info["mlflow_run_id"], artifact_path=path, dst_path=str(dest), tracking_uri=uri
+                )
             except (MlflowException, OSError) as exc:
                 if optional:
                     continue
                 shutil.rmtree(dest, ignore_errors=True)
-                raise RegistryError(f"artifact {path!r} of MLflow run {info['mlflow_run_id']} could not be downloaded "
-                                    f"({str(exc).splitlines()[0][:200]}); check the server's artifact store") from None
+                raise RegistryError(
+                    f"artifact {path!r} of MLflow run {info['mlflow_run_id']} could not be downloaded "
+                    f"({str(exc).splitlines()[0][:200]}); check the server's artifact store"
+                ) from None
             pulled.append(path)
     model = dest / T.MODEL_ARTIFACT
     adapter = model / "peft"
-    info = {**info, "pulled": pulled, "dest": str(dest.resolve()),
-            "adapter_dir": str(adapter.resolve()) if adapter.is_dir() else None,
-            "base_model_path": base_model_path(model), "base_model_ref": read_reference(model)}
+    info = {
+        **info,
+        "pulled": pulled,
+        "dest": str(dest.resolve()),
+        "adapter_dir": str(adapter.resolve()) if adapter.is_dir() else None,
+        "base_model_path": base_model_path(model),
+        "base_model_ref": read_reference(model),
+    }
     contract.atomic_write_json(dest / "version.json", info)
     return info
 
@@ -255,11 +276,16 @@ def download_model(uri: str, info: dict[str, Any], dest: Path) -> Path:
     from mlflow.artifacts import download_artifacts
 
     if not info["mlflow_run_id"]:
-        raise RegistryError(f"{info['name']}/{info['version']} has no MLflow run to load the model from; "
-                            "it was not registered by loraflow")
+        raise RegistryError(
+            f"{info['name']}/{info['version']} has no MLflow run to load the model from; "
+            "it was not registered by loraflow"
+        )
     with reachable(uri, interactive=True):
-        return Path(download_artifacts(run_id=info["mlflow_run_id"], artifact_path=T.MODEL_ARTIFACT,
-                                       dst_path=str(dest), tracking_uri=uri))
+        return Path(
+            download_artifacts(
+                run_id=info["mlflow_run_id"], artifact_path=T.MODEL_ARTIFACT, dst_path=str(dest), tracking_uri=uri
+            )
+        )
 
 
 def run_params(uri: str, info: dict[str, Any]) -> dict[str, str]:
@@ -291,8 +317,10 @@ def resolve_base(model_dir: Path, info: dict[str, Any], given: str | None = None
             return str(cand.resolve())
     wanted = info["lineage"].get("base_model") or "its base model"
     where = " or ".join(map(str, looked)) or "(no path recorded)"
-    raise LoraflowError(f"the base model of {what} is not at {where}; pass --base-model-path DIR pointing at "
-                        f"a local copy of {wanted} (a directory with config.json)")
+    raise LoraflowError(
+        f"the base model of {what} is not at {where}; pass --base-model-path DIR pointing at "
+        f"a local copy of {wanted} (a directory with config.json)"
+    )
 
 
 def read_reference(model_dir: Path) -> dict[str, Any] | None:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import re
 
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.common.db.common import SessionDep
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
-
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-from airflow.api_fastapi.common.db.common import SessionDep
-from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 
 from loraflow import config, registry
 from loraflow.errors import LoraflowError, RegistryError, RegistryUnavailable
@@ -40,7 +39,9 @@ app = FastAPI(
     description="loraflow runs and the MLflow model versions they registered",
     dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))],
     # FastAPI's own docs routes skip app dependencies: no anonymous /docs; the schema is served below, signed in.
-    docs_url=None, redoc_url=None, openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 
@@ -73,29 +74,44 @@ def mlflow_run(dag_id: str = Query(...), run_id: str = Query(...)) -> RedirectRe
     except LoraflowError as exc:
         return HTMLResponse(_message(str(exc)), status_code=503)
     if found is None:
-        return HTMLResponse(_message(f"DAG run {dag_id}/{run_id} has not logged to MLflow yet (the register task creates "
-                                     "the MLflow run); try again after it has run"), status_code=404)
+        return HTMLResponse(
+            _message(
+                f"DAG run {dag_id}/{run_id} has not logged to MLflow yet (the register task creates "
+                "the MLflow run); try again after it has run"
+            ),
+            status_code=404,
+        )
     return RedirectResponse(found["url"], status_code=307)
 
 
-_bearer = HTTPBearer(auto_error=False, description="the JWT from POST /auth/token; the _token cookie is not accepted for writes")
+_bearer = HTTPBearer(
+    auto_error=False, description="the JWT from POST /auth/token; the _token cookie is not accepted for writes"
+)
 
 
 def bearer_only(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     """Refuse a write authenticated only by the cookie (CSRF): the JWT must come in the header."""
     if credentials is None:
-        raise HTTPException(status_code=403, detail=(
-            "this endpoint changes the registry, so it accepts only a bearer token: send the JWT from "
-            "POST /auth/token in the 'Authorization: Bearer <token>' header; the _token cookie alone is refused "
-            "(cross-site request forgery protection)"))
+        raise HTTPException(
+            status_code=403,
+            detail=(
+                "this endpoint changes the registry, so it accepts only a bearer token: send the JWT from "
+                "POST /auth/token in the 'Authorization: Bearer <token>' header; the _token cookie alone is refused "
+                "(cross-site request forgery protection)"
+            ),
+        )
 
 
 class Promotion(BaseModel):
-    reason: str = Field(min_length=1, max_length=5000, description="why this version; stored as loraflow.promotion_reason")
+    reason: str = Field(
+        min_length=1, max_length=5000, description="why this version; stored as loraflow.promotion_reason"
+    )
 
 
-@app.post("/api/models/{name}/versions/{version}/aliases/{alias}",
-          dependencies=[Depends(requires_access_dag("PUT", DagAccessEntity.RUN)), Depends(bearer_only)])
+@app.post(
+    "/api/models/{name}/versions/{version}/aliases/{alias}",
+    dependencies=[Depends(requires_access_dag("PUT", DagAccessEntity.RUN)), Depends(bearer_only)],
+)
 def promote_version(name: str, version: str, alias: str, body: Promotion, user: GetUserDep) -> dict:
     """Point ``alias`` at version ``version`` of ``name`` and record who (the Airflow user) and why.
 
@@ -123,12 +139,20 @@ def promote_version(name: str, version: str, alias: str, body: Promotion, user: 
     except MlflowException as exc:  # e.g. an alias MLflow reserves (v1, v2, ...)
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         code = 400 if exc.error_code == "INVALID_PARAMETER_VALUE" else 502
-        raise HTTPException(status_code=code, detail=f"MLflow at {uri} refused to set alias {alias!r}: {first}") from None
-    return {"name": done["name"], "version": done["version"], "alias": done["alias"],
-            "previous_version": done["previous_version"], "promoted_by": who, "reason": done["promotion_reason"]}
+        raise HTTPException(
+            status_code=code, detail=f"MLflow at {uri} refused to set alias {alias!r}: {first}"
+        ) from None
+    return {
+        "name": done["name"],
+        "version": done["version"],
+        "alias": done["alias"],
+        "previous_version": done["previous_version"],
+        "promoted_by": who,
+        "reason": done["promotion_reason"],
+    }
 
 
 def _message(text: str) -> str:
     from html import escape
 
-    return f"<!doctype html><html><body style=\"font-family:sans-serif\"><p>{escape(text)}</p></body></html>"
+    return f'<!doctype html><html><body style="font-family:sans-serif"><p>{escape(text)}</p></body></html>'

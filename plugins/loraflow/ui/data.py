@@ -49,11 +49,16 @@ def dag_runs(session, dag_ids: set[str], limit: int = MAX_RUNS) -> list[RunRow]:
     rows = []
     for dr in session.scalars(stmt):
         conf = dr.conf or {}
-        rows.append(RunRow(
-            dag_id=dr.dag_id, run_id=dr.run_id, state=_text(dr.state), run_type=_text(dr.run_type),
-            started=_when(dr.start_date or dr.run_after),
-            model_name=conf.get("registered_model_name") if isinstance(conf, dict) else None,
-        ))
+        rows.append(
+            RunRow(
+                dag_id=dr.dag_id,
+                run_id=dr.run_id,
+                state=_text(dr.state),
+                run_type=_text(dr.run_type),
+                started=_when(dr.start_date or dr.run_after),
+                model_name=conf.get("registered_model_name") if isinstance(conf, dict) else None,
+            )
+        )
     return rows
 
 
@@ -115,6 +120,17 @@ def as_json(ov: Overview) -> dict[str, Any]:
     return {
         "tracking_uri": ov.tracking_uri,
         "mlflow_error": ov.mlflow_error,
-        "runs": [{"dag_id": r.dag_id, "run_id": r.run_id, "run_key": r.run_key, "state": r.state, "run_type": r.run_type,
-                  "started": r.started, "model_name": r.model_name, "versions": r.versions} for r in ov.rows],
+        "runs": [
+            {
+                "dag_id": r.dag_id,
+                "run_id": r.run_id,
+                "run_key": r.run_key,
+                "state": r.state,
+                "run_type": r.run_type,
+                "started": r.started,
+                "model_name": r.model_name,
+                "versions": r.versions,
+            }
+            for r in ov.rows
+        ],
     }

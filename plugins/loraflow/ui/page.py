@@ -28,44 +28,65 @@ a{color:#2b6cb0;text-decoration:none} a:hover{text-decoration:underline} .muted{
 
 
 def render(ov: Overview, airflow_root: str = "") -> str:
-    body = ["<h1>loraflow runs and model versions</h1>",
-            f'<p class="sub">MLflow: <a href="{escape(ov.mlflow_ui)}" target="_blank" rel="noopener">{escape(ov.mlflow_ui)}</a>'
-            f" &middot; {len(ov.rows)} run{'' if len(ov.rows) == 1 else 's'}</p>"]
+    body = [
+        "<h1>loraflow runs and model versions</h1>",
+        f'<p class="sub">MLflow: <a href="{escape(ov.mlflow_ui)}" target="_blank" rel="noopener">{escape(ov.mlflow_ui)}</a>'
+        f" &middot; {len(ov.rows)} run{'' if len(ov.rows) == 1 else 's'}</p>",
+    ]
     if ov.mlflow_error:
         body.append(f'<div class="warn">Model versions are not shown: {escape(ov.mlflow_error)}</div>')
     if not ov.rows:
         body.append('<p class="muted">No loraflow runs yet: trigger the <code>loraflow_finetune</code> DAG.</p>')
     else:
-        body.append("<table><thead><tr><th>DAG run</th><th>State</th><th>Started</th><th>Model</th><th>Version</th>"
-                    "<th>Aliases</th><th>Metrics</th><th>Train loss</th><th>Lineage</th><th>MLflow</th></tr></thead><tbody>")
+        body.append(
+            "<table><thead><tr><th>DAG run</th><th>State</th><th>Started</th><th>Model</th><th>Version</th>"
+            "<th>Aliases</th><th>Metrics</th><th>Train loss</th><th>Lineage</th><th>MLflow</th></tr></thead><tbody>"
+        )
         body += [_row(r, airflow_root) for r in ov.rows]
         body.append("</tbody></table>")
-    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>loraflow</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><title>loraflow</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def _row(r: RunRow, airflow_root: str) -> str:
     run_link = f"{airflow_root}/dags/{quote(r.dag_id, safe='')}/runs/{quote(r.run_id, safe='')}"
-    run_cell = (f'<a href="{escape(run_link)}" target="_top">{escape(r.run_id)}</a><br><span class="muted">{escape(r.dag_id)}'
-                f"{' &middot; ' + escape(r.run_type) if r.run_type else ''}</span>")
+    run_cell = (
+        f'<a href="{escape(run_link)}" target="_top">{escape(r.run_id)}</a><br><span class="muted">{escape(r.dag_id)}'
+        f"{' &middot; ' + escape(r.run_type) if r.run_type else ''}</span>"
+    )
     state = f'<span class="{escape(r.state or "")}">{escape(r.state or "not in Airflow DB")}</span>'
     lead = [run_cell, state, f'<span style="white-space:nowrap">{escape(r.started or "-")}</span>']
     if not r.versions:
-        return "<tr>" + "".join(f"<td>{c}</td>" for c in lead) + \
-            f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="6">no version registered</td></tr>'
+        return (
+            "<tr>"
+            + "".join(f"<td>{c}</td>" for c in lead)
+            + f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="6">no version registered</td></tr>'
+        )
     out = []
     for i, v in enumerate(r.versions):
         cells = lead if i == 0 else ["", "", ""]
-        aliases = "".join(f'<span class="badge {escape(a)}">{escape(a)}</span>' for a in v["aliases"]) or '<span class="muted">-</span>'
+        aliases = (
+            "".join(f'<span class="badge {escape(a)}">{escape(a)}</span>' for a in v["aliases"])
+            or '<span class="muted">-</span>'
+        )
         metrics = "<br>".join(f"{escape(k)} {v['metrics'][k]:.4g}" for k in METRICS if k in v["metrics"]) or "-"
         lin = v["lineage"]
-        lineage = (f"data <code>{escape(lin['data_fingerprint'][:12] or '-')}</code><br>"
-                   f"base <code>{escape(lin['base_model'].rsplit('/', 1)[-1] or '-')}</code><br>"
-                   f'<span class="muted">{escape(cost.summary(v.get("tags") or {}))}</span>')
-        mlflow = (f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-")
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
-                   f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
-                   f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td><td>{lineage}</td><td>{mlflow}</td></tr>")
+        lineage = (
+            f"data <code>{escape(lin['data_fingerprint'][:12] or '-')}</code><br>"
+            f"base <code>{escape(lin['base_model'].rsplit('/', 1)[-1] or '-')}</code><br>"
+            f'<span class="muted">{escape(cost.summary(v.get("tags") or {}))}</span>'
+        )
+        mlflow = (
+            f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-"
+        )
+        out.append(
+            "<tr>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
+            f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td><td>{lineage}</td><td>{mlflow}</td></tr>"
+        )
     return "".join(out)
 
 
@@ -86,6 +107,8 @@ def loss_curve(points: list[list[float]], width: int = 140, height: int = 36) ->
 
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
     label = f"train loss {ys[0]:.4g} to {ys[-1]:.4g} over {int(x1)} steps ({len(pts)} points)"
-    return (f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="{escape(label)}"><title>{escape(label)}</title><polyline points="{line}"/></svg>'
-            f'<span class="muted">{ys[0]:.3g} &rarr; {ys[-1]:.3g}</span>')
+    return (
+        f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{escape(label)}"><title>{escape(label)}</title><polyline points="{line}"/></svg>'
+        f'<span class="muted">{ys[0]:.3g} &rarr; {ys[-1]:.3g}</span>'
+    )
