@@ -62,8 +62,8 @@ class PipelineSettings(BaseModel):
     max_epsilon: float | None = Field(None, gt=0.0, le=1000.0, title="Max epsilon (policy)")
     """Privacy policy for DP runs: a version whose reported epsilon exceeds this is never champion. Empty: no policy."""
     runtime: Literal["local", "docker"] | None = Field(None, title="Runtime")
-    """docker runs the trainer image (DockerOperator); local runs the same CLI as a subprocess on the worker. The
-    default follows the deployment's LORAFLOW_RUNTIME."""
+    """docker runs the trainer image in a hardened container on the worker's Docker engine; local runs the same
+    CLI as a subprocess on the worker. The default follows the deployment's LORAFLOW_RUNTIME."""
     gpus: str = Field("auto", pattern=GPUS_PATTERN, title="GPUs")
     """auto takes one free GPU of the worker (CPU where it has none); all, none (CPU), or device ids such as 0,1. A
     run waits while another holds its GPUs."""
