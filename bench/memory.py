@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         res["load_average"] = common.load_average()
         results.append(res)
         print(
-            f"  {setup:<18} {quant:<5} peak RSS {res['peak_rss_mb']:8.0f} MB  (training part {res['train_rss_mb']:6.0f} MB)",
+            f"  {setup:<18} {quant:<5} peak RSS {res['peak_rss_mb']:8.0f} MB  "
+            f"(training part {res['train_rss_mb']:6.0f} MB)",
             flush=True,
         )
 

@@ -59,7 +59,8 @@ def _db_times(db: Path, run_id: str) -> tuple[float | None, dict[str, float]]:
         tasks = {
             t: seconds(s, e)
             for t, s, e in con.execute(
-                "select task_id, start_date, end_date from task_instance where dag_id=? and run_id=? order by start_date",
+                "select task_id, start_date, end_date from task_instance "
+                "where dag_id=? and run_id=? order by start_date",
                 (DAG_ID, run_id),
             )
         }
@@ -151,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             res = run_once(stack, runtime, a.max_steps, model_dir)
             results.append(res)
+            tasks = json.dumps({k: round(v or 0, 1) for k, v in res["tasks_s"].items()})
             print(
                 f"  {runtime:<7} wall {res['wall_s']:.1f}s  training {res['train_runtime_s']:.1f}s  "
-                f"overhead {res['overhead_s']:.1f}s  tasks {json.dumps({k: round(v or 0, 1) for k, v in res['tasks_s'].items()})}",
+                f"overhead {res['overhead_s']:.1f}s  tasks {tasks}",
                 flush=True,
             )
     finally:

@@ -232,7 +232,11 @@ def main() -> None:
             for (label, c), r in rows.items()
         ]
         texts = list(same.values())
-        differ = [{"prompt": p, **dict(zip(same, pair))} for p, *pair in zip(prompts, *texts) if pair[0] != pair[1]]
+        differ = [
+            {"prompt": p, **dict(zip(same, pair, strict=True))}
+            for p, *pair in zip(prompts, *texts, strict=True)
+            if pair[0] != pair[1]
+        ]
         report = {
             "version": f"{NAME}/{version}",
             "max_new_tokens": args.max_new_tokens,
@@ -248,10 +252,12 @@ def main() -> None:
         print("| server | clients | requests | requests/s | p50 ms | p95 ms |\n|---|---|---|---|---|---|")
         for r in results:
             print(
-                f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
+                f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} "
+                f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
             )
         print(
-            f"same completions from both: {len(prompts) - len(differ)}/{len(prompts)}; load average at start {report['load_average_at_start']:.1f}"
+            f"same completions from both: {len(prompts) - len(differ)}/{len(prompts)}; "
+            f"load average at start {report['load_average_at_start']:.1f}"
         )
         for d in differ[:3]:
             print(f"  differs: {json.dumps(d, ensure_ascii=False)}")

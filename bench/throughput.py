@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             res["load_average"] = common.load_average()
             runs.append(res)
             print(
-                f"  round {r} {s:<18} {res['tokens_per_s']:8.0f} tok/s wall  {res['tokens_per_cpu_s']:8.0f} tok/cpu-s  {res['steps']:3d} steps  "
+                f"  round {r} {s:<18} {res['tokens_per_s']:8.0f} tok/s wall  "
+                f"{res['tokens_per_cpu_s']:8.0f} tok/cpu-s  {res['steps']:3d} steps  "
                 f"pad {res['pad_fraction']:.0%}  eval_loss {res['eval_loss']:.3f}  load {res['load_average'][0]}",
                 flush=True,
             )

@@ -113,7 +113,8 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
             return {
                 "status": "not_comparable",
                 "version": mv.version,
-                "reason": f"v{mv.version} was trained on {what}, this run on {base_model.describe(mine) if mine else 'an unrecorded base'}",
+                "reason": f"v{mv.version} was trained on {what}, "
+                f"this run on {base_model.describe(mine) if mine else 'an unrecorded base'}",
             }
         staging = ws / f".{CHAMPION_DIR}-download"
         shutil.rmtree(staging, ignore_errors=True)
@@ -125,7 +126,8 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
             return {
                 "status": "not_comparable",
                 "version": mv.version,
-                "reason": f"its adapter (model/peft of run {mv.run_id}) could not be downloaded: {str(exc).splitlines()[0][:200]}",
+                "reason": f"its adapter (model/peft of run {mv.run_id}) could not be downloaded: "
+                f"{str(exc).splitlines()[0][:200]}",
             }
         dest.mkdir()
         local.replace(dest / "adapter")

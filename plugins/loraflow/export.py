@@ -35,8 +35,9 @@ LINEAGE_FILE = "lineage.json"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 KBIT_CAVEAT = (
     "this adapter was trained against a {q} quantized base; it is merged here into the full-precision "
-    "base weights, so the merged model's outputs differ slightly from the quantized model's it was trained and evaluated "
-    "with; evaluate the merged model before serving it, or serve the adapter on the quantized base (--format peft)"
+    "base weights, so the merged model's outputs differ slightly from the quantized model's it was trained "
+    "and evaluated with; evaluate the merged model before serving it, or serve the adapter on the quantized "
+    "base (--format peft)"
 )
 
 
@@ -66,7 +67,8 @@ def export(
         adapter, tokenizer = model_dir / "peft", model_dir / "components" / "tokenizer"
         if not (adapter / "adapter_config.json").is_file():
             raise LoraflowError(
-                f"{info['name']}/{info['version']} holds no PEFT adapter (model/peft/); it was not registered by loraflow"
+                f"{info['name']}/{info['version']} holds no PEFT adapter (model/peft/); "
+                "it was not registered by loraflow"
             )
         source_files = _hashes(adapter)
         original_base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -163,16 +165,18 @@ def _vllm(adapter: Path, tokenizer: Path, out: Path, base: str, info: dict[str, 
     rank = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     name = info["name"]
+    adapter_dir = shlex.quote(str((out / "adapter").resolve()))
     command = (
-        f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(name)}={shlex.quote(str((out / 'adapter').resolve()))} "
+        f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(name)}={adapter_dir} "
         f"--max-lora-rank {max_rank}"
     )
+    lora_flags = f'--enable-lora --lora-modules "{name}=$here/adapter" --max-lora-rank {max_rank}'
     (out / "run.sh").write_text(f"""#!/bin/sh
 # Serve {name} version {info["version"]} with vLLM's multi-LoRA: the base model plus this adapter.
 # BASE_MODEL overrides the base directory (it must hold the same weights: see lineage.json).
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
-exec vllm serve "${{BASE_MODEL:-{base}}}" --enable-lora --lora-modules "{name}=$here/adapter" --max-lora-rank {max_rank} "$@"
+exec vllm serve "${{BASE_MODEL:-{base}}}" {lora_flags} "$@"
 """)
     (out / "run.sh").chmod(0o755)
     (out / "README.md").write_text(f"""# {name} version {info["version"]} for vLLM

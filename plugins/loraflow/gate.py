@@ -61,7 +61,7 @@ class Decision:
 def paired_bootstrap(
     diffs: list[float], confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = SEED
 ) -> tuple[float, float]:
-    """Confidence interval of the mean of paired differences (scipy's BCa bootstrap; percentile when BCa is undefined)."""
+    """Confidence interval of the mean of paired differences (scipy's BCa bootstrap; percentile if BCa is undefined)."""
     import numpy as np
     from scipy import stats
 
@@ -123,7 +123,8 @@ def decide(
             got = "no epsilon was reported" if epsilon is None else f"epsilon {epsilon:.4g}"
             return Decision(
                 False,
-                f"privacy policy: {got} exceeds max_epsilon {max_epsilon:g}; a DP run over the policy is never champion",
+                f"privacy policy: {got} exceeds max_epsilon {max_epsilon:g}; "
+                "a DP run over the policy is never champion",
                 version,
                 numbers,
             )
@@ -231,9 +232,11 @@ def _svg_curve(losses: list[float], width: int = 640, height: int = 160) -> str:
         for i, v in enumerate(losses)
     )
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="training loss">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="training loss">'
         f'<polyline points="{pts}" fill="none" stroke="#1565c0" stroke-width="1.5"/>'
-        f'<text x="4" y="14" font-size="12">{hi:.3g}</text><text x="4" y="{height - 2}" font-size="12">{lo:.3g}</text></svg>'
+        f'<text x="4" y="14" font-size="12">{hi:.3g}</text>'
+        f'<text x="4" y="{height - 2}" font-size="12">{lo:.3g}</text></svg>'
     )
 
 
@@ -268,18 +271,32 @@ def report_html(
         f"<tr><td>{e(str(k))}</td><td>{e(json.dumps(v, default=str))}</td></tr>" for k, v in decision.numbers.items()
     )
     curve = _svg_curve(train_losses or [])
+    style = (
+        "body{font-family:sans-serif;max-width:720px;margin:1em auto}td,th{padding:2px 8px;text-align:left}"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}"
+    )
+    n_examples, n_generations = ev.get("n_examples"), ev.get("n_generation_examples")
+    score_head = (
+        "<tr><th>model</th><th>eval loss</th><th>perplexity</th><th>exact match</th>"
+        "<th>ROUGE-1 F</th><th>ROUGE-L F</th><th>behaviour</th></tr>"
+    )
+    behaviour = (
+        "<table><tr><th>case</th><th>challenger</th><th>champion</th></tr>" + "".join(cases) + "</table>"
+        if cases
+        else "<p>No behaviour suite was given.</p>"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Gate: {e(name)} v{e(version)}</title>
-<style>body{{font-family:sans-serif;max-width:720px;margin:1em auto}}td,th{{padding:2px 8px;text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
+<style>{style}</style>
 </head><body>
 <h1>{e(name)} v{e(version)}: {"promoted to champion" if decision.promote else "not promoted"}</h1>
 <p><b>Why:</b> {e(decision.reason)}</p>
-<h2>Scores on this run's eval set ({ev.get("n_examples")} examples, {ev.get("n_generation_examples")} generations, greedy)</h2>
-<table><tr><th>model</th><th>eval loss</th><th>perplexity</th><th>exact match</th><th>ROUGE-1 F</th><th>ROUGE-L F</th><th>behaviour</th></tr>{"".join(rows)}</table>
+<h2>Scores on this run's eval set ({n_examples} examples, {n_generations} generations, greedy)</h2>
+<table>{score_head}{"".join(rows)}</table>
 <h2>Per-example loss difference (champion minus challenger, sorted)</h2>
 {_svg_differences(diffs)}
 {"<h2>Training loss</h2>" + curve if curve else ""}
 <h2>Behaviour cases</h2>
-{"<table><tr><th>case</th><th>challenger</th><th>champion</th></tr>" + "".join(cases) + "</table>" if cases else "<p>No behaviour suite was given.</p>"}
+{behaviour}
 <h2>Numbers</h2><table>{numbers}</table>
 </body></html>
 """

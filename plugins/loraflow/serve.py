@@ -193,7 +193,8 @@ def create_app(served: Served, max_tokens_limit: int = 2048, default_chat_tokens
         if req.model and current and req.model not in (current.name, str(served.ref), current.label):
             return error(
                 404,
-                f"model {req.model!r} is not served here; this server serves {current.name} ({served.ref} = {current.label})",
+                f"model {req.model!r} is not served here; "
+                f"this server serves {current.name} ({served.ref} = {current.label})",
                 kind="not_found_error",
                 param="model",
             )

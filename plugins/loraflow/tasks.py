@@ -218,7 +218,7 @@ REGISTERED_MARKER = "registered.json"
 
 
 def _run_time(context) -> str | None:
-    """The DAG run's place in time: its logical date, or when it was due to run (manual runs may have no logical date)."""
+    """The DAG run's place in time: its logical date, or when it was due (manual runs may have no logical date)."""
     dag_run = context.get("dag_run") if hasattr(context, "get") else None
     when = getattr(dag_run, "logical_date", None) or getattr(dag_run, "run_after", None)
     return when.isoformat() if when is not None else None
@@ -251,8 +251,9 @@ def refuse_retrain_of_registered(pipeline: Pipeline, log=print) -> None:
         _fail(
             LoraflowError(
                 f"this DAG run ({pipeline.run_key}) is already registered as version {version} of "
-                f"{pipeline.registered_model_name}, so its train task is not re-run: retraining would leave the workspace "
-                f"and the registry with different adapters; trigger a new DAG run with the same conf to retrain"
+                f"{pipeline.registered_model_name}, so its train task is not re-run: retraining would leave the "
+                f"workspace and the registry with different adapters; "
+                f"trigger a new DAG run with the same conf to retrain"
             )
         )
 

@@ -72,7 +72,8 @@ def test_the_executor_the_compose_file_names_imports_and_its_worker_cli_starts(
         [
             "python",
             "-c",
-            "from airflow.executors.executor_loader import ExecutorLoader as L; cls, _ = L.import_default_executor_cls(); "
+            "from airflow.executors.executor_loader import ExecutorLoader as L; "
+            "cls, _ = L.import_default_executor_cls(); "
             "import airflow.providers.celery.executors.celery_executor_utils as u; "
             "print('executor', cls.__name__, 'app', u.app.main, 'broker', u.app.conf.broker_url)",
         ],
@@ -104,7 +105,8 @@ def test_every_package_in_the_stack_images_is_pinned(docker_client, airflow_imag
             "python",
             "-c",
             "import importlib.metadata as m; "
-            "print(*(f'{d}=={m.version(d)}' for d in ('celery', 'kombu', 'apache-airflow-providers-celery', 'psycopg2-binary')))",
+            "print(*(f'{d}=={m.version(d)}' for d in "
+            "('celery', 'kombu', 'apache-airflow-providers-celery', 'psycopg2-binary')))",
         ],
     )
     pins = (REPO / "deploy" / "constraints-stack.txt").read_text()

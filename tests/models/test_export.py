@@ -1,4 +1,4 @@
-"""``loraflow models export``: merged weights that plain transformers loads, the adapter alone, a vLLM hand-off; lineage in each."""
+"""``loraflow models export``: merged weights plain transformers loads, the adapter alone, a vLLM hand-off; lineage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``loraflow models serve``: a subprocess answering real HTTP, the same greedy text as ``generate``, following its alias."""
+"""``loraflow models serve``: a subprocess answering real HTTP, the greedy text of ``generate``, following its alias."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A version's base model travels: recorded as the cache name + weights hash, found on any host, refused when it differs."""
+"""A version's base model travels: recorded as cache name + weights hash, found on any host, refused when it differs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def docker_style(train_version, tmp_path_factory) -> dict:
-    """A version trained against ``<other cache>/tiny-llama`` (as the container sees ``/models/tiny-llama``), that cache gone."""
+    """A version trained on ``<other cache>/tiny-llama`` (a container's ``/models/tiny-llama``), that cache gone."""
     container_models = tmp_path_factory.mktemp("container") / "models"
     container_models.mkdir()
     version = train_version("portable-base-demo", models_root=container_models)

@@ -247,7 +247,8 @@ def test_the_form_submitted_with_its_defaults_trains_and_the_log_reads_as_progre
     browser.open(f"{base}/plugin/loraflow")
     frame = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
     label = browser.wait_for(
-        f"{frame} && {frame}.querySelector('svg.curve') && {frame}.querySelector('svg.curve').getAttribute('aria-label')"
+        f"{frame} && {frame}.querySelector('svg.curve') && "
+        f"{frame}.querySelector('svg.curve').getAttribute('aria-label')"
     )
     assert label.startswith("train loss") and f"over {total} steps ({total} points)" in label
     assert browser.screenshot(tmp_path / "models-page.png").stat().st_size > 10_000  # the README's picture is test_ui's

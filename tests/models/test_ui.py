@@ -239,11 +239,13 @@ def test_signed_in_user_sees_the_registered_version_in_the_airflow_ui(airflow_ap
         browser.open(f"{airflow_api}/plugin/loraflow")  # the nav entry: Airflow's UI with our page in its iframe
         frame = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
         text = browser.wait_for(
-            f"{frame} && {frame}.body && {frame}.body.innerText.includes({registered['name']!r}) && {frame}.body.innerText"
+            f"{frame} && {frame}.body && {frame}.body.innerText.includes({registered['name']!r}) && "
+            f"{frame}.body.innerText"
         )
         assert f"v{registered['version']}" in text and "champion" in text and "eval_loss" in text
         href = browser.js(
-            f"[...{frame}.querySelectorAll('a')].map(a => a.href).find(h => h.includes('/runs/{registered['mlflow_run_id']}'))"
+            f"[...{frame}.querySelectorAll('a')].map(a => a.href)"
+            f".find(h => h.includes('/runs/{registered['mlflow_run_id']}'))"
         )
         assert href and href.startswith(registered["tracking_uri"])  # the link to the MLflow run
         assert browser.js("document.body.innerText").count("Browse")  # inside Airflow's own chrome

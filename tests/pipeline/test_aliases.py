@@ -74,7 +74,7 @@ def test_rollback_and_history_round_trip(mlflow_server, mlflow_client, three_ver
     table = cli(mlflow_server, "history", name)
     assert table.returncode == 0 and "rollback" in table.stdout and "v3 answers in the wrong format" in table.stdout
 
-    # A cleared-and-rerun register of v3's run (even one whose gate says promote) leaves champion where the rollback put it.
+    # A cleared-and-rerun register of v3's run (even if its gate says promote) leaves champion where rollback put it.
     mc = registry.mlflow_client(mlflow_server)
     promote = gate.Decision(True, "paired CI above margin", "1", {})
     champion, notes = aliases.advance(mc, name, "3", "eval_loss", 0.1, promote)

@@ -52,7 +52,7 @@ def _prepare(run_id: str, **extra):
 def test_run_ids_that_fold_alike_get_their_own_workspaces(pair, tiny_model):
     a, b = (_prepare(run_id) for run_id in pair)
     assert a.workspace != b.workspace
-    for pipeline, run_id in zip((a, b), pair):
+    for pipeline, run_id in zip((a, b), pair, strict=True):
         ws = Path(pipeline.workspace)
         assert json.loads((ws / workspace.OWNER).read_text()) == {"dag_id": config.DAG_ID, "run_id": run_id}
         assert json.loads((ws / "job.json").read_text())["labels"]["run_id"] == run_id

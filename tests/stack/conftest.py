@@ -120,7 +120,10 @@ class Stack:
         }
 
     def task_log(self, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-        path = f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}?full_content=true&map_index={map_index}"
+        path = (
+            f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}"
+            f"?full_content=true&map_index={map_index}"
+        )
         body = _request(
             "GET",
             f"{self.airflow}/api/v2{path}",

@@ -13,10 +13,17 @@ from loraflow import cost
 from loraflow.ui.data import Overview, RunRow
 
 METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
-STYLE = """
+TABLE_STYLE = (
+    "table{border-collapse:collapse;width:100%;font-size:13px} "
+    "th,td{border-bottom:1px solid #e2e8f0;padding:6px 8px;text-align:left;vertical-align:top}"
+)
+STYLE = (
+    """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px;color:#1a202c;background:#fff}
 h1{font-size:20px;margin:0 0 4px} p.sub{color:#4a5568;margin:0 0 12px;font-size:13px}
-table{border-collapse:collapse;width:100%;font-size:13px} th,td{border-bottom:1px solid #e2e8f0;padding:6px 8px;text-align:left;vertical-align:top}
+"""
+    + TABLE_STYLE
+    + """
 th{background:#f7fafc;font-weight:600} td.nowrap{white-space:nowrap} code{font-size:12px}
 .badge{display:inline-block;border-radius:9px;padding:0 7px;margin-right:3px;font-size:11px;background:#e2e8f0}
 svg.curve{display:block} svg.curve polyline{fill:none;stroke:#2b6cb0;stroke-width:1.5}
@@ -25,12 +32,14 @@ svg.curve{display:block} svg.curve polyline{fill:none;stroke:#2b6cb0;stroke-widt
 .warn{background:#fff5f5;border:1px solid #feb2b2;padding:8px;margin-bottom:12px;border-radius:4px}
 a{color:#2b6cb0;text-decoration:none} a:hover{text-decoration:underline} .muted{color:#718096}
 """
+)
 
 
 def render(ov: Overview, airflow_root: str = "") -> str:
     body = [
         "<h1>loraflow runs and model versions</h1>",
-        f'<p class="sub">MLflow: <a href="{escape(ov.mlflow_ui)}" target="_blank" rel="noopener">{escape(ov.mlflow_ui)}</a>'
+        f'<p class="sub">MLflow: <a href="{escape(ov.mlflow_ui)}" '
+        f'target="_blank" rel="noopener">{escape(ov.mlflow_ui)}</a>'
         f" &middot; {len(ov.rows)} run{'' if len(ov.rows) == 1 else 's'}</p>",
     ]
     if ov.mlflow_error:
@@ -85,7 +94,8 @@ def _row(r: RunRow, airflow_root: str) -> str:
             "<tr>"
             + "".join(f"<td>{c}</td>" for c in cells)
             + f"<td>{escape(v['name'])}</td><td>v{escape(v['version'])}</td><td>{aliases}</td>"
-            f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td><td>{lineage}</td><td>{mlflow}</td></tr>"
+            f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td>"
+            f"<td>{lineage}</td><td>{mlflow}</td></tr>"
         )
     return "".join(out)
 
