@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.errors import ParamsError
+from loraflow_trainer import contract
 
-REQUEST = "evaluate_request.json"
+REQUEST = contract.EVAL_REQUEST_FILE
 CHAMPION_DIR = "champion"
 SUITE_FILE = "behaviour_suite.jsonl"
 MAX_GENERATION_EXAMPLES = 64
@@ -165,9 +166,9 @@ def write_request(pipeline, log=print) -> dict[str, Any]:
         "include_base": bool(pipeline.evaluate_base),
         "behaviour_suite": suite,
         "max_generation_examples": MAX_GENERATION_EXAMPLES,
-        "output": "output/eval.json",
+        "output": f"{contract.OUTPUT_DIR}/{contract.EVAL_RESULT_FILE}",
     }
-    (ws / REQUEST).write_text(json.dumps(request, indent=2))
+    contract.atomic_write_json(ws / REQUEST, request)
     if champion["status"] != "compared":
         log(f"loraflow: evaluate scores this run's adapter only: {champion['reason']}")
     return request

@@ -18,6 +18,7 @@ from loraflow import config, gate, registry, secrets, workspace
 from loraflow.errors import LoraflowError
 from loraflow.runtimes.docker import remove_containers
 from loraflow.workspace import Pipeline
+from loraflow_trainer import contract
 
 SCHEDULED_RUN_TYPES = ("scheduled", "asset_triggered", "asset_materialization")
 
@@ -98,7 +99,7 @@ def should_train(ws: str) -> bool:
     pipeline = Pipeline.load(ws)
     if pipeline.run_type not in SCHEDULED_RUN_TYPES:
         return True
-    fingerprint = json.loads((Path(ws) / "fingerprint.json").read_text())["fingerprint"]
+    fingerprint = json.loads((Path(ws) / contract.FINGERPRINT_FILE).read_text())["fingerprint"]
     _mlflow_env()
     seen = registry.is_registered(config.tracking_uri(), pipeline.registered_model_name, fingerprint)
     if seen:

@@ -29,6 +29,7 @@ DATA_DIR = "data"
 TRAIN_FILE = f"{DATA_DIR}/train.parquet"
 EVAL_FILE = f"{DATA_DIR}/eval.parquet"
 DATASET_SCHEMA_FILE = f"{DATA_DIR}/dataset_schema.json"
+FINGERPRINT_FILE = "fingerprint.json"  # the data fingerprint, read by the skip and register tasks
 DATA_REPORT_FILE = "data_report.json"  # the data checks' verdict, row by row
 OUTPUT_DIR = "output"
 

@@ -32,8 +32,6 @@ from loraflow.errors import DataCheckError
 from loraflow_trainer import contract
 from loraflow_trainer.spec import JobSpec
 
-FINGERPRINT_FILE = "fingerprint.json"  # the workspace's data fingerprint, read by the skip and register tasks
-
 
 @dataclass(frozen=True)
 class Preprocessed:
@@ -96,9 +94,8 @@ def preprocess(
         workspace / contract.DATASET_SCHEMA_FILE, dataset_schema(train_out.columns, fmt, source, n_train, n_eval)
     )
     result = Preprocessed(fingerprint, n_train, n_eval, train.dropped)
-    contract.atomic_write_json(
-        workspace / FINGERPRINT_FILE, {"fingerprint": fingerprint, "spec_hash": job.spec_hash(), **result.__dict__}
-    )
+    record = {"fingerprint": fingerprint, "spec_hash": job.spec_hash(), **result.__dict__}
+    contract.atomic_write_json(workspace / contract.FINGERPRINT_FILE, record)
     # The trainer records the fingerprint in metadata.json: put it in the spec it reads.
     job.model_copy(update={"data_fingerprint": fingerprint}).write(workspace / contract.JOB_FILE)
     return result
