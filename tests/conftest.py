@@ -17,6 +17,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CHAT = REPO / "examples" / "data" / "sample_chat.jsonl"
+# Trigger params that train the tiny model in seconds: the DAG tests' common conf.
+FAST = {
+    "max_steps": 12,
+    "learning_rate": 1e-2,
+    "max_seq_length": 128,
+    "num_sample_generations": 1,
+    "per_device_train_batch_size": 8,
+}
 SAMPLE_PC = REPO / "examples" / "data" / "sample_prompt_completion.jsonl"
 _STATE: dict = {}
 

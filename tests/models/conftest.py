@@ -18,19 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_CHAT
+from tests.conftest import FAST, SAMPLE_CHAT
 
 MODEL = "models-page-demo"
 USER, PASSWORD = "admin", "loraflow-test-pw"
 VIEWER, NOBODY = "viewer", "nobody"  # read-only role; signed in but holding no role at all
 EDITOR = "editor"  # role "user": the least role that may edit DAG runs, so may move an alias
-FAST = {
-    "max_steps": 12,
-    "learning_rate": 1e-2,
-    "max_seq_length": 128,
-    "num_sample_generations": 1,
-    "per_device_train_batch_size": 8,
-}
 
 
 @pytest.fixture(scope="session")

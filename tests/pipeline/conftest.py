@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE_CHAT
-
-FAST = {
-    "max_steps": 12,
-    "learning_rate": 1e-2,
-    "max_seq_length": 128,
-    "num_sample_generations": 1,
-    "per_device_train_batch_size": 8,
-}
+from tests.conftest import FAST, REPO, SAMPLE_CHAT
 
 
 def load_dag():
