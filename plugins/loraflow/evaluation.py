@@ -95,12 +95,11 @@ def fetch_champion(pipeline, log=print) -> dict[str, Any]:
                 "version": mv.version,
                 "reason": "the champion has no MLflow run to fetch its adapter from",
             }
-        mine = json.loads((ws / "output" / "metadata.json").read_text()).get("base_model_ref")
+        mine = json.loads((ws / contract.OUTPUT_DIR / contract.METADATA_FILE).read_text()).get("base_model_ref")
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                theirs = json.loads(Path(mc.download_artifacts(mv.run_id, "metadata.json", tmp)).read_text()).get(
-                    "base_model_ref"
-                )
+                downloaded = Path(mc.download_artifacts(mv.run_id, contract.METADATA_FILE, tmp))
+                theirs = json.loads(downloaded.read_text()).get("base_model_ref")
             except (OSError, ValueError):
                 theirs = None
         if _base_identity(mine) is None or _base_identity(mine) != _base_identity(theirs):

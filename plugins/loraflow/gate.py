@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraflow_trainer import contract
+
 CONFIDENCE = 0.95
 RESAMPLES = 9999
 SEED = 0  # the same eval results always give the same interval
@@ -182,7 +184,7 @@ def from_workspace(
     if not path.exists():
         return None
     ev = json.loads(path.read_text())
-    metrics_path = Path(ws) / "output" / "metrics.json"
+    metrics_path = Path(ws) / contract.OUTPUT_DIR / contract.METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     epsilon = metrics.get("epsilon")
     return decide(

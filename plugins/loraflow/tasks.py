@@ -129,7 +129,7 @@ def _provenance(pipeline: Pipeline) -> dict[str, str]:
     """The base as a portable reference and the code versions, from the trainer's metadata.json (once trained)."""
     import loraflow
 
-    path = Path(pipeline.workspace) / "output" / "metadata.json"
+    path = Path(pipeline.workspace) / contract.OUTPUT_DIR / contract.METADATA_FILE
     meta = json.loads(path.read_text()) if path.exists() else {}
     ref, code = meta.get("base_model_ref") or {}, meta.get("code") or {}
     base_ref = {"cache": ref.get("name"), "hub": f"{ref.get('id')}@{ref.get('revision')}"}.get(ref.get("kind"), "")
@@ -297,7 +297,7 @@ def teardown(ws: str, context) -> dict[str, Any]:
     failed = pipeline_failed(context)
     removed = remove_containers(pipeline.run_id)
     out = Path(ws) / "output"
-    registered = (out / "_SUCCESS").exists() and not failed
+    registered = (out / contract.SUCCESS).exists() and not failed
     for scratch in list(out.glob(".staging-*")) + ([out / "checkpoints"] if registered else []):
         shutil.rmtree(scratch, ignore_errors=True)
     status = "FAILED" if failed else "FINISHED"
@@ -316,7 +316,7 @@ def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
     """End this run's MLflow run; a failed pipeline gets a FAILED run even if it never reached register."""
     _mlflow_env()
     uri = config.tracking_uri()
-    if status == "FINISHED" and not (Path(ws) / "output" / "_SUCCESS").exists():
+    if status == "FINISHED" and not (Path(ws) / contract.OUTPUT_DIR / contract.SUCCESS).exists():
         return None  # skipped as already registered: nothing was tracked, nothing to close
     if status == "FAILED":  # a run that failed before register gets its MLflow run here, to show the failure
         job = workspace.load_job(ws)

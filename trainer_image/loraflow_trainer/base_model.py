@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loraflow_trainer import contract
+
 REF_KEY = "loraflow.base"  # the MLflow model's metadata key holding the reference
 MODELS_ENV = "LORAFLOW_MODELS"  # the model cache on this host
 BASE_PATH_ENV = "LORAFLOW_BASE_MODEL_PATH"  # an explicit base directory for the pyfunc loader
@@ -135,7 +137,7 @@ def resolve(ref: dict[str, Any], given: str | Path | None = None, cache: str | P
         return str(given) if given else ref["id"]
     looked = []
     for cand in candidates(ref, given, cache):
-        if not (cand / "config.json").is_file():
+        if not contract.is_model_dir(cand):
             looked.append(f"{cand} (not there)")
             continue
         try:
