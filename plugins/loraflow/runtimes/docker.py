@@ -277,6 +277,21 @@ def gpus_in_use(api: APIClient) -> set[str]:
     return held - {""}
 
 
+def force_remove(api: APIClient, cid: str) -> None:
+    """Remove a container, running or not; one already gone, or being removed, counts as removed.
+
+    ``stop()`` (from ``on_kill``) and the run's own cleanup race to remove the same container:
+    the loser gets 404, or 409 "removal ... is already in progress".
+    """
+    try:
+        api.remove_container(cid, force=True)
+    except NotFound:
+        pass
+    except APIError as exc:
+        if exc.status_code != 409 or "already in progress" not in str(exc):
+            raise
+
+
 def remove_containers(run_id: str, api: APIClient | None = None, log: Callable[..., None] | None = None) -> list[str]:
     """Remove every container labelled with this DAG run; their names (none when no engine answers)."""
     if api is None:
@@ -292,10 +307,7 @@ def remove_containers(run_id: str, api: APIClient | None = None, log: Callable[.
         name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
         if log is not None:
             log("loraflow: removing container %s of this run", name)
-        try:
-            api.remove_container(c["Id"], force=True)
-        except NotFound:  # removed meanwhile (its own task's cleanup)
-            pass
+        force_remove(api, c["Id"])  # gone meanwhile (its own task's cleanup) is fine
         removed.append(name)
     return removed
 
@@ -402,9 +414,7 @@ class DockerRuntime:
         finally:
             self._container = None
             try:
-                api.remove_container(cid, force=True)
-            except NotFound:  # stop() removed it
-                pass
+                force_remove(api, cid)  # stop() may have removed it, or be removing it
             except APIError as exc:  # teardown removes by label as a second line
                 log("loraflow: could not remove container %s: %s", cid[:12], exc)
 
@@ -427,6 +437,6 @@ class DockerRuntime:
         try:
             self.api.stop(cid, timeout=STOP_TIMEOUT_S)  # SIGTERM: the trainer checkpoints and exits 130
             self._stopped_state = self.api.inspect_container(cid)["State"]
-            self.api.remove_container(cid, force=True)
+            force_remove(self.api, cid)
         except NotFound:  # it ended and its run removed it
             pass
