@@ -73,7 +73,7 @@ def check_data(ws: str) -> dict[str, Any]:
             min_rows=pipeline.min_rows,
             tokenizer_json=tokenizer if tokenizer.exists() else None,
             eval_path=Path(pipeline.eval_dataset_path) if pipeline.eval_dataset_path else None,
-            report_path=Path(ws) / "data_report.json",
+            report_path=Path(ws) / contract.DATA_REPORT_FILE,
         )
     except LoraflowError as exc:
         _fail(exc)
