@@ -48,18 +48,26 @@ COPY constraints.txt pyproject.toml /opt/loraflow/
 COPY deploy/constraints-stack.txt deploy/check-pins.py /opt/loraflow/deploy/
 COPY deploy/wheelhouse* /wheelhouse/
 COPY trainer_image/pyproject.toml /opt/loraflow/trainer_image/pyproject.toml
-COPY trainer_image/loraflow_trainer /opt/loraflow/trainer_image/loraflow_trainer
-COPY plugins /opt/loraflow/plugins
-COPY examples /opt/loraflow/examples
-# Binary wheels only (no compiler here); the two local projects build without isolation
-# from the pinned setuptools, so OFFLINE needs nothing beyond the wheelhouse.
+# Layer 1, the dependencies: Airflow with its extras and what the two pyproject files
+# declare (read with tomllib), binary wheels only (no compiler here). It depends on the
+# pins and the pyproject files alone, so a change to the plugin's sources rebuilds only
+# the small layer below.
 RUN set -eu; \
     set -- --find-links /wheelhouse -c /opt/loraflow/constraints.txt -c /opt/loraflow/deploy/constraints-stack.txt; \
     if [ "$OFFLINE" = "1" ]; then set -- "$@" --no-index; fi; \
+    deps="$(python -c 'import tomllib; print(" ".join(d for f in ("/opt/loraflow/pyproject.toml", "/opt/loraflow/trainer_image/pyproject.toml") for d in tomllib.load(open(f, "rb"))["project"]["dependencies"] if not d.startswith("loraflow")))')"; \
     pip install "$@" --only-binary=:all: "setuptools==80.9.0"; \
-    pip install "$@" --only-binary=:all: --no-build-isolation \
-        "apache-airflow[celery,postgres]==3.3.2" /opt/loraflow/trainer_image /opt/loraflow; \
-    rm -rf /wheelhouse /opt/loraflow/build /opt/loraflow/trainer_image/build /opt/loraflow/*.egg-info /opt/loraflow/trainer_image/*.egg-info; \
+    pip install "$@" --only-binary=:all: "apache-airflow[celery,postgres]==3.3.2" $deps; \
+    rm -rf /wheelhouse
+COPY trainer_image/loraflow_trainer /opt/loraflow/trainer_image/loraflow_trainer
+COPY plugins /opt/loraflow/plugins
+COPY examples /opt/loraflow/examples
+# Layer 2, the two local projects, without isolation from the pinned setuptools and
+# without dependencies (layer 1 has them; pip check proves it), so OFFLINE needs nothing
+# beyond the wheelhouse. Then the whole set is checked against the pins.
+RUN set -eu; \
+    pip install --no-deps --no-build-isolation /opt/loraflow/trainer_image /opt/loraflow; \
+    rm -rf /opt/loraflow/build /opt/loraflow/trainer_image/build /opt/loraflow/*.egg-info /opt/loraflow/trainer_image/*.egg-info; \
     pip check; \
     python /opt/loraflow/deploy/check-pins.py /opt/loraflow/constraints.txt /opt/loraflow/deploy/constraints-stack.txt; \
     python -c 'from airflow.providers.celery.executors.celery_executor import CeleryExecutor; from airflow.providers.celery.executors.celery_executor_utils import app; print("CeleryExecutor imports; celery app", app.main)'
