@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, task
 
-from loraflow import docs, gpus, params, schedule, tasks
+from loraflow import config, docs, gpus, params, schedule, tasks
 from loraflow.evaluate_operator import LoraflowEvaluateOperator
 from loraflow.links import MlflowRunLink
 from loraflow.operators import LoraflowTrainOperator
@@ -78,12 +78,16 @@ with DAG(
         workspace="{{ ti.xcom_pull(task_ids='prepare') }}",
         pool=gpus.pool_name(),  # one slot per GPU: extra runs queue here (loraflow.gpus)
         execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
+        retries=config.train_retries(),  # a lost worker's run resumes from its checkpoint on another
+        retry_delay=timedelta(seconds=30),
     )
     evaluate = LoraflowEvaluateOperator(  # the new adapter and the champion on this run's eval set
         task_id="evaluate",
         workspace="{{ ti.xcom_pull(task_ids='prepare') }}",
         pool=gpus.pool_name(),
         execution_timeout=timedelta(hours=int(os.environ.get("LORAFLOW_TRAIN_TIMEOUT_HOURS", "24"))),
+        retries=config.train_retries(),
+        retry_delay=timedelta(seconds=30),
     )
     registered = register(ws, train.output)
     registered.operator.operator_extra_links = (MlflowRunLink(),)

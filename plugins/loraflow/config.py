@@ -61,6 +61,19 @@ def image() -> str:
     return os.environ.get("LORAFLOW_IMAGE", "loraflow-trainer:0.1.0")
 
 
+def train_retries() -> int:
+    """Retries of the train and evaluate tasks (``LORAFLOW_TRAIN_RETRIES``, default 1).
+
+    A retry resumes from the newest checkpoint, on any worker: it is for interruptions (a
+    worker or host lost mid-run, a preemption). Faults a retry cannot fix fail at once
+    (``TrainerFailed.retry_helps``), so a retry never spends GPU time on them.
+    """
+    raw = os.environ.get("LORAFLOW_TRAIN_RETRIES", "1").strip()
+    if not raw.isdigit():
+        raise ValueError(f"LORAFLOW_TRAIN_RETRIES={raw!r} is not a whole number of retries (0 for none)")
+    return int(raw)
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
 

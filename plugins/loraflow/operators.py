@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from loraflow import config, tasks
 from loraflow.errors import TrainingError
 from loraflow.links import MlflowRunLink
-from loraflow.runtimes import TRAIN, Entry, Runtime, TrainerRun
+from loraflow.runtimes import TRAIN, Entry, Runtime, TrainerFailed, TrainerRun
 from loraflow.runtimes.docker import API_TIMEOUT_S, DockerRuntime, DockerSettings
 from loraflow.runtimes.local import LocalRuntime
 from loraflow.workspace import Pipeline
@@ -87,11 +88,23 @@ class LoraflowTrainOperator(BaseOperator):
         return self.run_trainer(pipeline)
 
     def run_trainer(self, pipeline: Pipeline) -> dict[str, Any]:
-        """Run this operator's entry point in the run's runtime; the provenance register records."""
+        """Run this operator's entry point in the run's runtime; the provenance register records.
+
+        A failure a retry cannot fix (``TrainerFailed.retry_helps`` false, or the runtime
+        refusing the run: no image, no GPU runtime) fails the task without its retries; an
+        interruption raises as it is, and the task's retries (``LORAFLOW_TRAIN_RETRIES``)
+        resume from the newest checkpoint, on any worker.
+        """
         runtime = self.runtime(pipeline.runtime)
         self._running = runtime
         try:
             return runtime.run(TrainerRun(pipeline, self.entry, self.task_id, dict(self.environment)), self.log.info)
+        except TrainerFailed as exc:
+            if exc.retry_helps:
+                raise
+            raise AirflowFailException(str(exc)) from exc
+        except TrainingError as exc:
+            raise AirflowFailException(str(exc)) from exc
         finally:
             self._running = None
 

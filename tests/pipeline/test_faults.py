@@ -46,7 +46,8 @@ def small_output_volume():
 
 
 def test_disk_full_fails_training_with_the_cause_and_registers_nothing(dag, small_output_volume, mlflow_client):
-    from loraflow.errors import TrainingError
+    from airflow.sdk.exceptions import AirflowFailException
+
     from loraflow.operators import LoraflowTrainOperator
 
     run_after, out = small_output_volume
@@ -56,8 +57,8 @@ def test_disk_full_fails_training_with_the_cause_and_registers_nothing(dag, smal
     assert dr.state == "failed", tis
     assert tis["train"] == "failed" and tis["register"] == "upstream_failed" and tis["teardown"] == "success", tis
     assert not (out / "_SUCCESS").exists() and not list(out.glob(".staging-*"))  # nothing that looks complete
-    # What the task said (a retry on the still-full disk says it again).
-    with pytest.raises(TrainingError) as err:
+    # What the task said, failing without its retries (a retry on the still-full disk says it again).
+    with pytest.raises(AirflowFailException) as err:
         LoraflowTrainOperator(task_id="train", workspace=str(out.parent)).execute({})
     assert "exit 7" in str(err.value) and "no space left" in str(err.value), str(err.value)
     assert not mlflow_client.search_registered_models(f"name = '{name}'")

@@ -13,13 +13,21 @@ from pathlib import Path
 import pytest
 
 from loraflow import config
-from loraflow.errors import ParamsError, TrainingError
+from loraflow.errors import ParamsError
 from loraflow.gpus import GpuLease
 from loraflow.operators import LoraflowTrainOperator
-from loraflow.runtimes import TrainerRun, explain_exit
+from loraflow.runtimes import TrainerFailed, TrainerRun, explain_exit
 from loraflow.runtimes.docker import container_spec, device_requests
 from loraflow.workspace import Pipeline, confine
-from loraflow_trainer.errors import EXIT_BAD_DATA, EXIT_KILLED, EXIT_MEANINGS
+from loraflow_trainer.errors import (
+    EXIT_BAD_DATA,
+    EXIT_BAD_SPEC,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_KILLED,
+    EXIT_MEANINGS,
+    EXIT_OUT_OF_MEMORY,
+)
 from tests.conftest import SAMPLE_CHAT
 
 
@@ -94,23 +102,53 @@ def test_exit_137_with_oomkilled_is_reported_as_out_of_memory():
     assert "SIGKILL" in explain_exit(-9)
 
 
-def test_local_runtime_streams_the_trainer_and_names_its_exit_code(tmp_path, monkeypatch, capsys):
-    """A stand-in trainer process (a real subprocess) that prints and exits as the trainer does on bad data."""
+def _stand_in_trainer(tmp_path, monkeypatch, code: int) -> LoraflowTrainOperator:
+    """A stand-in trainer process (a real subprocess) that prints and exits with ``code``, as the trainer does."""
     fake = tmp_path / "loraflow-train"
     fake.write_text(
         f"#!{sys.executable}\nimport sys\nprint('step 1 loss 2.0', flush=True)\n"
-        f"print('bad row', file=sys.stderr)\nsys.exit({EXIT_BAD_DATA})\n"
+        f"print('bad row', file=sys.stderr)\nsys.exit({code})\n"
     )
     fake.chmod(0o755)
     monkeypatch.setenv("LORAFLOW_TRAINER_BIN", str(fake))
     ws = tmp_path / "ws"
     _pipeline(ws, runtime="local")
-    op = LoraflowTrainOperator(task_id="train", workspace=str(ws))
-    with pytest.raises(TrainingError) as info:
+    return LoraflowTrainOperator(task_id="train", workspace=str(ws))
+
+
+def test_local_runtime_streams_the_trainer_and_names_its_exit_code(tmp_path, monkeypatch, capsys):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = _stand_in_trainer(tmp_path, monkeypatch, EXIT_BAD_DATA)
+    # Bad data fails the same way on every try: the task fails without spending its retries.
+    with pytest.raises(AirflowFailException) as info:
         op.execute({})
     assert f"exit {EXIT_BAD_DATA}" in str(info.value) and EXIT_MEANINGS[EXIT_BAD_DATA] in str(info.value)
     assert "bad row" in str(info.value)  # the trainer's last line (stderr) says which row
     assert "step 1 loss 2.0" in capsys.readouterr().out  # streamed into the task log as it ran
+
+
+@pytest.mark.parametrize(
+    "code, retried",
+    [
+        (EXIT_INTERRUPTED, True),
+        (EXIT_FAILURE, True),
+        (EXIT_KILLED, True),
+        (EXIT_OUT_OF_MEMORY, False),
+        (EXIT_BAD_SPEC, False),
+    ],
+)
+def test_only_failures_a_retry_can_fix_leave_the_task_its_retries(tmp_path, monkeypatch, code, retried):
+    """Interrupted, killed or an unexpected error: the task's retry resumes (TrainerFailed, retried by
+    Airflow); out of memory or a bad spec: AirflowFailException, the task fails at once."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = _stand_in_trainer(tmp_path, monkeypatch, code)
+    with pytest.raises((TrainerFailed, AirflowFailException)) as info:
+        op.execute({})
+    assert isinstance(info.value, TrainerFailed) is retried, repr(info.value)
+    assert isinstance(info.value, AirflowFailException) is not retried
+    assert f"exit {code}" in str(info.value)
 
 
 def test_dataset_paths_must_stay_inside_the_allowed_roots(tmp_path):

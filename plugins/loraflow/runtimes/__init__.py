@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loraflow.errors import TrainingError
-from loraflow_trainer.errors import EXIT_KILLED, EXIT_MEANINGS
+from loraflow_trainer.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_KILLED, EXIT_MEANINGS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -79,6 +79,19 @@ class TrainerFailed(TrainingError):
         self.last_line = last_line
         tail = f". Last trainer line: {last_line[:500]}" if last_line else ""
         super().__init__(f"{entry.name} failed (exit {exit_code}): {self.cause}{tail}")
+
+    @property
+    def retry_helps(self) -> bool:
+        """Whether the task's retry can succeed: an interruption or a kill, not a fault the user must fix.
+
+        Interrupted (130), killed by a signal or SIGKILLed without the OOM flag (a host going
+        away), or an unexpected error (1): the retry resumes from the newest checkpoint. A bad
+        spec, bad data, a missing model, out of memory, no GPU or a full disk fail the same
+        way again, so the task fails at once instead of spending its retries (and GPU time).
+        """
+        if self.exit_code < 0 or self.exit_code in (EXIT_FAILURE, EXIT_INTERRUPTED):
+            return True
+        return self.exit_code == EXIT_KILLED and not self.oom_killed
 
 
 def explain_exit(code: int, oom_killed: bool = False) -> str:

@@ -14,9 +14,10 @@ Everything loraflow asks of Docker is here:
 - **GPUs**: the lease's ids as a device request (``--gpus``), or as
   ``NVIDIA_VISIBLE_DEVICES`` where ``LORAFLOW_GPU_REQUEST=env``; a container's
   ``loraflow.gpu`` label marks its GPUs busy for other runs, even after its worker died.
-- **labels** ``loraflow.dag_id``, ``loraflow.run_id``, ``loraflow.task_id``: a try removes
-  what an earlier try of its run left (the container name is the run's), and teardown
-  removes every container of the run (``remove_containers``).
+- **labels** ``loraflow.dag_id``, ``loraflow.run_id``, ``loraflow.task_id``: a try stops
+  (SIGTERM, so it checkpoints) and removes what an earlier try on its workspace left (the
+  container name is the workspace's: ``remove_earlier_try``), and teardown removes every
+  container of the run (``remove_containers``).
 - **secrets** (the hub token) only in the container's environment, never in a rendered
   field or a file.
 
@@ -177,6 +178,12 @@ def trainer_user() -> str:
     return IMAGE_USER
 
 
+def container_name(pipeline: Pipeline) -> str:
+    """The trainer container's name: its workspace's (one run, or one trial of a sweep)."""
+    ws = Path(pipeline.workspace)
+    return f"loraflow-{ws.parent.name}-{ws.name}"[:120]
+
+
 def container_spec(run: TrainerRun, settings: DockerSettings, lease: gpus.GpuLease) -> ContainerSpec:
     """Mounts, GPUs, limits, labels, user and environment of one run's trainer container."""
     pipeline = run.pipeline
@@ -205,7 +212,7 @@ def container_spec(run: TrainerRun, settings: DockerSettings, lease: gpus.GpuLea
     command = [run.entry.script] if run.entry.script else ["python", "-m", str(run.entry.module)]
     return ContainerSpec(
         image=settings.image,
-        name=f"loraflow-{ws.parent.name}-{ws.name}"[:120],
+        name=container_name(pipeline),
         command=[*command, "--job", CONTAINER_JOB],
         user=user,
         environment={
@@ -312,6 +319,29 @@ def remove_containers(run_id: str, api: APIClient | None = None, log: Callable[.
     return removed
 
 
+def remove_earlier_try(api: APIClient, pipeline: Pipeline, log: Callable[..., None]) -> None:
+    """Stop and remove what an earlier try on this workspace left: the container of a try whose worker died.
+
+    A worker killed mid-run leaves its trainer container running (the engine, not the worker,
+    holds it), still writing checkpoints into the workspace and holding its GPUs. The retry
+    stops it the way ``on_kill`` would (SIGTERM: it writes a checkpoint and exits 130, so this
+    try resumes from the newest step), then removes it. Only this workspace's container: the
+    other trials of a sweep share the run id.
+    """
+    name = container_name(pipeline)
+    for c in api.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={pipeline.run_id}"}):
+        if f"/{name}" not in (c.get("Names") or []):
+            continue
+        if c.get("State") == "running":
+            log("loraflow: stopping %s, left running by an earlier try (its worker died)", name)
+            try:
+                api.stop(c["Id"], timeout=STOP_TIMEOUT_S)
+            except NotFound:
+                continue
+        log("loraflow: removing container %s of an earlier try", name)
+        force_remove(api, c["Id"])
+
+
 def last_line_of(chunks: Iterable[bytes], log: Callable[..., None]) -> str:
     """Log a container's output line by line as it comes; its last non-empty line.
 
@@ -371,7 +401,7 @@ class DockerRuntime:
                 "scripts/build-trainer-image.sh or set LORAFLOW_IMAGE"
             ) from None
         # A try killed with its worker leaves its container behind, holding the name this try needs.
-        remove_containers(pipeline.run_id, api=self.api, log=log)
+        remove_earlier_try(self.api, pipeline, log)
         with gpus.acquire(pipeline.gpus, busy=lambda: gpus_in_use(self.api), log=log) as lease:
             spec = container_spec(run, self.settings, lease)
             prepare_writable_dirs(pipeline, spec.user)
