@@ -119,6 +119,15 @@ class Stack:
             ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis
         }
 
+    def xcom(self, run_id: str, task_id: str, key: str = "return_value"):
+        entry = self.api("GET", f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/xcomEntries/{key}")
+        value = entry["value"]
+        return json.loads(value) if isinstance(value, str) and value.startswith('"') else value
+
+    def host_path(self, container_path: str) -> Path:
+        """A path under the Airflow containers' LORAFLOW_HOME as this host sees it (the host folder)."""
+        return self.home / Path(container_path).relative_to("/opt/loraflow-home")
+
     def task_log(self, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
         path = (
             f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}"
@@ -198,6 +207,8 @@ def stack(tiny_model) -> Stack:
         "AIRFLOW_PORT": str(airflow_port),
         "MLFLOW_PORT": str(mlflow_port),
         "LORAFLOW_GPU_SLOTS": "1",
+        # The killed-worker test: the scheduler gives up on the dead worker's task sooner than 300 s.
+        "AIRFLOW_TASK_HEARTBEAT_TIMEOUT": "90",
     }
     s = Stack(
         env=env,

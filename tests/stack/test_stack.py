@@ -3,7 +3,7 @@
 In file order (one stack for the module): the DAG imports; a run with the form's defaults
 and one with runtime=docker both train in a trainer container that a Celery worker started
 through the socket proxy, and register in MLflow on Postgres; what `down` (without -v)
-keeps; two workers, two runs at once.
+keeps; two workers, two runs at once; a worker killed mid-train, its run resumed on the other.
 """
 
 from __future__ import annotations
@@ -125,3 +125,47 @@ def test_two_workers_two_runs_at_once_queue_on_the_gpu_pool_and_both_register(st
     for run_id in runs:
         assert len(_versions_of(stack, run_id)) == 1
         _no_trainer_container_left(run_id)
+
+
+def test_a_worker_killed_mid_train_the_retry_on_the_other_resumes_and_one_version_registers(stack):
+    """The fault a multi-worker deployment meets: the Celery worker running train dies (here:
+    ``docker rm -f``, a SIGKILL with no restart). Its trainer container lives on in the engine.
+    The scheduler fails the task when its heartbeats stop (AIRFLOW_TASK_HEARTBEAT_TIMEOUT), the
+    retry runs on the surviving worker, stops the orphan (which checkpoints), resumes from the
+    newest checkpoint, and the run registers exactly one version."""
+    if len(stack.containers("airflow-worker")) < 2:
+        stack.up("--scale", "airflow-worker=2", "--no-recreate")
+    run_id = stack.trigger({"runtime": "docker", "max_steps": 600, "save_steps": 10, "eval_steps": 600})
+    deadline = time.monotonic() + 1800
+    train: dict = {}
+    ckpts = None
+    while time.monotonic() < deadline:
+        train = stack.task_instances(run_id).get("train", {})
+        if ckpts is None and train.get("state") == "running":
+            ckpts = stack.host_path(stack.xcom(run_id, "prepare")) / "output" / "checkpoints"
+        if ckpts is not None and list(ckpts.glob("checkpoint-*/trainer_state.json")):
+            break
+        assert train.get("state") not in ("success", "failed", "upstream_failed"), train
+        time.sleep(2)
+    else:
+        raise AssertionError(f"train never ran past a checkpoint: {train}")
+    workers = stack.containers("airflow-worker")
+    [victim] = [c for c in workers if c.startswith(train["hostname"][:12])]
+    client = docker.from_env()
+    try:
+        client.containers.get(victim).remove(force=True)  # SIGKILL, and it does not come back
+    finally:
+        client.close()
+    start = time.monotonic()
+    assert stack.wait_runs([run_id]) == {run_id: "success"}
+    stack.timings["killed_worker_recovery_s"] = round(time.monotonic() - start, 1)
+
+    retried = stack.task_instances(run_id)["train"]
+    assert retried["try_number"] == 2, retried
+    assert retried["hostname"][:12] != train["hostname"][:12]
+    assert retried["hostname"][:12] in {c[:12] for c in stack.containers("airflow-worker")}
+    log = stack.task_log(run_id, "train", 2)
+    assert "an earlier try" in log, log[-3000:]  # the orphan was found, stopped and removed
+    assert "resuming from checkpoint /workspace/output/checkpoints/checkpoint-" in log, log[-3000:]
+    assert len(_versions_of(stack, run_id)) == 1
+    _no_trainer_container_left(run_id)
