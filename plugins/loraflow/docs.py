@@ -49,6 +49,40 @@ belongs to `prepare`, so when `prepare` itself refuses the params nothing was st
 """
 
 
+SWEEP_DOC_MD = """\
+### Sweep: train several trials of one fine-tune and register the best
+
+**What it does.** The same form as `loraflow_finetune`, plus *Sweep*: the data is checked
+and preprocessed once, then every trial trains its own LoRA adapter (one `trial.train`
+and `trial.evaluate` task instance per trial, mapped, queued on the GPU pool like any
+training) and is scored, with the current champion, on the same eval set. `register`
+ranks the trials as the promotion gate does (a trial the gate would promote first, then
+the lowest eval loss) and registers only the winner (*Register* `best`), or every trial
+that finished, the winner last (`all`); the winner goes through the gate for `champion`.
+
+**The sweep param.** A grid, every combination a trial:
+`{"lora_r": [4, 8], "learning_rate": [0.0001, 0.0003]}` (4 trials), or a list of
+overrides, one trial each: `[{"lora_r": 4}, {"lora_r": 16, "lora_alpha": 32}]`. Only the
+form's trainer settings may vary (not *Base model*, *Data format*, *Max sequence length*
+or the runtime's processes); everything else comes from the form. At most 16 trials.
+Every trial is validated like a run of `loraflow_finetune` in `prepare`, before any data
+is read: a bad value fails `prepare`, naming the trial and the setting. REST:
+`POST /api/v2/dags/loraflow_sweep/dagRuns` with
+`{"conf": {"dataset_path": "...", "sweep": {"lora_r": [4, 8]}}}`.
+
+**Where results go.** MLflow: one parent run for the sweep, holding the sweep's table
+(`sweep/trials.json`: each trial's overrides, eval loss, gate verdict, the winner), and
+one child run per trial with its params and metrics; the registered trial's run holds its
+model and the gate report. **Browse > loraflow models** shows the table under the run.
+Files: `$LORAFLOW_HOME/runs/loraflow_sweep/<run id>/trial-<n>/output/` per trial.
+"""
+
+
+def sweep_doc_md(form: dict[str, Any]) -> str:
+    """The sweep DAG's ``doc_md``: its overview, then every param of its form."""
+    return f"{SWEEP_DOC_MD}\n{params_markdown(params.reference(form))}"
+
+
 def finetune_doc_md(form: dict[str, Any]) -> str:
     """The DAG's ``doc_md``: the overview, then every param of ``form`` (the DAG's params)."""
     return f"{FINETUNE_DOC_MD}\n{params_markdown(params.reference(form))}"

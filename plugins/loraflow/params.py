@@ -75,6 +75,24 @@ class PipelineSettings(BaseModel):
 
 PIPELINE_PARAM_NAMES = frozenset(PipelineSettings.model_fields)
 
+
+class SweepSettings(BaseModel):
+    """The params only the sweep DAG (``loraflow_sweep``) has: which trials, which of them to register."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    sweep: dict[str, list[Any]] | list[dict[str, Any]] = Field(
+        default_factory=lambda: {"lora_r": [4, 8]}, title="Sweep"
+    )
+    """The trials: a grid, an object of trainer settings to lists of values (every combination is a trial), or a
+    list of override objects (one trial each); every other setting comes from this form. At most 16 trials."""
+    sweep_register: Literal["best", "all"] = Field("best", title="Register")
+    """best registers only the winning trial (the gate's choice, on the same eval set); all registers every trial
+    that finished, the winner last."""
+
+
+SWEEP_PARAM_NAMES = tuple(SweepSettings.model_fields)
+
 # The form, section by section in the order a person fills it in (Airflow shows sections in
 # the order of their first param): pipeline settings and the job spec fields a trigger may set.
 FORM: dict[str, tuple[str, ...]] = {
@@ -109,6 +127,8 @@ FORM: dict[str, tuple[str, ...]] = {
     "Runtime": ("runtime", "gpus", "memory_limit", "shm_size", "distributed", "num_processes"),
 }
 SECTIONS = tuple(FORM)
+# The sweep DAG's form: the same sections, the sweep's own first.
+SWEEP_FORM: dict[str, tuple[str, ...]] = {"Sweep": SWEEP_PARAM_NAMES, **FORM}
 
 # What a dropdown shows for each value (Airflow's ``values_display``; "null" is the empty choice).
 _LABELS: dict[str, dict[str, str]] = {
@@ -123,6 +143,7 @@ _LABELS: dict[str, dict[str, str]] = {
         "chat": "chat (a messages column)",
     },
     "loss_on": {"completion": "completion (only completions / assistant turns)", "all": "all (every token)"},
+    "sweep_register": {"best": "best (only the winning trial)", "all": "all (every finished trial, the winner last)"},
     "promotion_metric": {
         "eval_loss": "eval_loss (held-out loss)",
         "perplexity": "perplexity (held-out)",
@@ -143,6 +164,7 @@ def _fields() -> dict[str, dict[str, Any]]:
     job = spec.json_schema()
     fields = {name: prop for section in job["$defs"].values() for name, prop in section.get("properties", {}).items()}
     fields.update(PipelineSettings.model_json_schema()["properties"])
+    fields.update(SweepSettings.model_json_schema()["properties"])
     return {name: {**prop, "description": " ".join(prop["description"].split())} for name, prop in fields.items()}
 
 
@@ -168,11 +190,12 @@ def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
-    """The DAG's params, section by section. ``defaults`` overrides default values (e.g. the demo's base model)."""
+def build_params(defaults: dict[str, Any] | None = None, form: dict[str, tuple[str, ...]] = FORM) -> dict[str, Param]:
+    """The DAG's params, section by section. ``defaults`` overrides default values (e.g. the demo's base model);
+    ``form`` is ``FORM`` (loraflow_finetune) or ``SWEEP_FORM`` (loraflow_sweep)."""
     defaults = {**FORM_DEFAULTS, **(defaults or {})}
     params: dict[str, Param] = {}
-    for section, names in FORM.items():
+    for section, names in form.items():
         for name in names:
             field = _fields()[name]
             schema = {
@@ -181,8 +204,17 @@ def build_params(defaults: dict[str, Any] | None = None) -> dict[str, Param]:
                 "section": section,
                 **_flatten(field),
             }
-            params[name] = Param(defaults.get(name, field.get("default")), **_form_schema(name, schema))
+            default = defaults[name] if name in defaults else field.get("default", _default_of(name))
+            params[name] = Param(default, **_form_schema(name, schema))
     return params
+
+
+def _default_of(name: str) -> Any:
+    """A default pydantic leaves out of the JSON schema (a ``default_factory``'s)."""
+    for model in (PipelineSettings, SweepSettings):
+        if name in model.model_fields:
+            return model.model_fields[name].get_default(call_default_factory=True)
+    return None
 
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")

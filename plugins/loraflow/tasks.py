@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from loraflow import config, gate, registry, secrets, workspace
+from loraflow import config, gate, registry, secrets, sweep, workspace
 from loraflow.errors import LoraflowError
 from loraflow.runtimes.docker import remove_containers
 from loraflow.workspace import Pipeline
@@ -161,11 +161,9 @@ def _git_commit() -> str:
         return ""
 
 
-def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str, Any]:
-    pipeline = Pipeline.load(ws)
-    job = workspace.load_job(ws)
-    _mlflow_env()
-    params = {
+def _run_params(pipeline: Pipeline, job) -> dict[str, Any]:
+    """The MLflow params of a run: every job spec setting and the pipeline settings."""
+    return {
         **job.flat_params(),
         "dataset_path": pipeline.dataset_path,
         "eval_fraction": pipeline.eval_fraction,
@@ -177,6 +175,12 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
         "max_epsilon": pipeline.max_epsilon,
         "behaviour_suite_path": pipeline.behaviour_suite_path or "",
     }
+
+
+def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str, Any]:
+    pipeline = Pipeline.load(ws)
+    job = workspace.load_job(ws)
+    _mlflow_env()
     # The promotion decision from the evaluate task's same-exam scores (None without eval.json).
     decision = gate.from_workspace(
         Path(ws),
@@ -187,14 +191,22 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
     )
     if decision is not None:
         print(f"loraflow: gate: {'promote' if decision.promote else 'keep the champion'}: {decision.reason}")
+    reg = _register(pipeline, job, _lineage(pipeline, job, train_result), decision, context)
+    context["ti"].xcom_push(key="mlflow_run_id", value=reg["run_id"])
+    return reg
+
+
+def _register(pipeline: Pipeline, job, tags: dict[str, str], decision, context) -> dict[str, Any]:
+    """Register the workspace's adapter as a version (idempotent) and mark the workspace."""
+    ws = pipeline.workspace
     try:
         reg = registry.register(
             config.tracking_uri(),
             name=pipeline.registered_model_name,
             run_key=pipeline.run_key,
             workspace=Path(ws),
-            params=params,
-            tags=_lineage(pipeline, job, train_result),
+            params=_run_params(pipeline, job),
+            tags=tags,
             gate_metric=pipeline.promotion_metric,
             dataset_source=pipeline.dataset_path,
             run_time=_run_time(context),
@@ -205,7 +217,6 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
     (Path(ws) / REGISTERED_MARKER).write_text(
         json.dumps({"name": reg.name, "version": reg.version, "run_key": pipeline.run_key})
     )
-    context["ti"].xcom_push(key="mlflow_run_id", value=reg.run_id)
     print(
         f"loraflow: registered {reg.name} version {reg.version} (aliases: {', '.join(reg.aliases) or 'none'}; "
         f"champion is v{reg.champion_version}; {'new' if reg.created else 'already registered by an earlier try'})"
@@ -216,6 +227,114 @@ def register(ws: str, train_result: dict[str, Any] | None, context) -> dict[str,
 
 
 REGISTERED_MARKER = "registered.json"
+
+
+# -- sweeps (loraflow_sweep; loraflow.sweep) ------------------------------------------------
+
+
+def prepare_sweep(context) -> str:
+    """Validate the trigger params and every trial of the sweep; write the run's and the trials' workspaces."""
+    dag_run = context["dag_run"]
+    try:
+        pipeline = sweep.prepare(
+            dict(context["params"]),
+            dag_run.dag_id,
+            dag_run.run_id,
+            _run_type(context),
+            raw_keys=list(getattr(dag_run, "conf", None) or {}),
+        )
+    except LoraflowError as exc:
+        _fail(exc)
+    return pipeline.workspace
+
+
+def sweep_trials(ws: str) -> list[str]:
+    """Link the checked, preprocessed data into every trial's workspace; the trial workspaces, for the mapping."""
+    try:
+        return sweep.materialise(ws)
+    except LoraflowError as exc:
+        _fail(exc)
+
+
+def register_sweep(ws: str, context) -> dict[str, Any]:
+    """Log every trial as a child of the sweep's MLflow run, register the winner (or all), log the sweep's table.
+
+    Runs when every trial is done and at least one evaluated: a trial that failed is in the
+    table as "no result" and never wins (the DAG run still fails, through ``outcome``).
+    """
+    pipeline, job = Pipeline.load(ws), workspace.load_job(ws)
+    plan = sweep.load(ws)
+    _mlflow_env()
+    uri = config.tracking_uri()
+    try:
+        parent = registry.ensure_run(
+            uri,
+            pipeline.registered_model_name,
+            pipeline.run_key,
+            {**_lineage(pipeline, job, None), sweep.TAG_TRIALS: str(len(plan["trials"]))},
+        )
+    except LoraflowError as exc:
+        _fail(exc)
+    trials = sweep.results(ws)
+    ranked = sweep.rank(trials)
+    winner = ranked[0] if ranked else None
+    chosen = [winner] if winner is not None and plan["register"] == "best" else ranked[::-1]  # the winner last
+    tags_of = {}
+    for t in trials:  # every trial is a child run, registered or not
+        tp, tjob = Pipeline.load(t.workspace), workspace.load_job(t.workspace)
+        trained = context["ti"].xcom_pull(task_ids="trial.train", map_indexes=t.trial)  # its image and digest
+        tags_of[t.trial] = {
+            **_lineage(tp, tjob, trained if isinstance(trained, dict) else None),
+            sweep.PARENT_RUN: parent,
+            sweep.TAG_TRIAL: str(t.trial),
+            sweep.TAG_OVERRIDES: json.dumps(t.overrides)[:4900],
+        }
+        try:
+            t.extra["mlflow_run_id"] = registry.log_trial(
+                uri, tp.registered_model_name, tp.run_key, t.workspace, _run_params(tp, tjob), tags_of[t.trial]
+            )
+        except LoraflowError as exc:
+            _fail(exc)
+    for t in chosen:
+        decision = t.decision
+        if t is not winner:  # registered because sweep_register is all: the winner is the one to promote
+            decision = gate.Decision(
+                False,
+                f"sweep: trial {winner.trial} of this sweep ranked first (eval loss {winner.eval_loss:.4g} against "
+                f"{t.eval_loss:.4g}); trial {t.trial} is registered because sweep_register is all",
+                t.decision.champion_version,
+                t.decision.numbers,
+            )
+        print(f"loraflow: sweep trial {t.trial} ({json.dumps(t.overrides)}): gate: {decision.reason}")
+        tp, tjob = Pipeline.load(t.workspace), workspace.load_job(t.workspace)
+        reg = _register(tp, tjob, tags_of[t.trial], decision, context)
+        t.extra.update(version=reg["version"], aliases=reg["aliases"])
+    table = sweep.table(trials, winner.trial if winner else None)
+    try:
+        registry.log_sweep(
+            uri,
+            parent,
+            table,
+            sweep.TABLE_ARTIFACT,
+            {sweep.TAG_WINNER: "" if winner is None else str(winner.trial)},
+        )
+    except LoraflowError as exc:
+        _fail(exc)
+    context["ti"].xcom_push(key="mlflow_run_id", value=parent)
+    for row in table["trials"]:
+        print(
+            f"loraflow: sweep trial {row['trial']}: {json.dumps(row['overrides'])}  eval_loss {row['eval_loss']}  "
+            f"{row['status']}{'  WINNER' if row['winner'] else ''}"
+            f"{'  v' + row['version'] if row.get('version') else ''}"
+        )
+    if winner is None:
+        _fail(
+            LoraflowError(
+                "no trial of this sweep finished training and evaluation, so none was registered; "
+                "see the failed train/evaluate task instances' logs"
+            )
+        )
+    return table
 
 
 def _run_time(context) -> str | None:
@@ -295,28 +414,52 @@ def teardown(ws: str, context) -> dict[str, Any]:
     """Always runs: remove this run's containers, free scratch, close the MLflow run truthfully."""
     pipeline = Pipeline.load(ws)
     failed = pipeline_failed(context)
-    removed = remove_containers(pipeline.run_id)
-    out = Path(ws) / "output"
-    registered = (out / contract.SUCCESS).exists() and not failed
-    for scratch in list(out.glob(".staging-*")) + ([out / "checkpoints"] if registered else []):
-        shutil.rmtree(scratch, ignore_errors=True)
+    removed = remove_containers(pipeline.run_id)  # a sweep's trials too: they carry the DAG run's id
     status = "FAILED" if failed else "FINISHED"
-    mlflow_run = _close_mlflow_run(pipeline, ws, status)
+    trials = sweep.trial_workspaces(ws)
+    for tws in trials:
+        _free_scratch(tws, failed)
+    mlflow_run = _close_mlflow_run(pipeline, ws, status, sweep=bool(trials))
+    if trials:
+        _close_trial_runs(pipeline, trials)
     summary = {
         "status": status,
         "containers_removed": removed,
         "mlflow_run_id": mlflow_run,
-        "kept_checkpoints": (out / "checkpoints").exists(),
+        "kept_checkpoints": _free_scratch(Path(ws), failed),
     }
     print(f"loraflow teardown: {json.dumps(summary)}")
     return summary
 
 
-def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str) -> str | None:
-    """End this run's MLflow run; a failed pipeline gets a FAILED run even if it never reached register."""
+def _free_scratch(ws: Path, failed: bool) -> bool:
+    """Remove a workspace's staging folders, and its checkpoints once it trained in a run that did not fail;
+    whether checkpoints are kept."""
+    out = ws / contract.OUTPUT_DIR
+    registered = (out / contract.SUCCESS).exists() and not failed
+    for scratch in list(out.glob(".staging-*")) + ([out / "checkpoints"] if registered else []):
+        shutil.rmtree(scratch, ignore_errors=True)
+    return (out / "checkpoints").exists()
+
+
+def _close_trial_runs(pipeline: Pipeline, trials: list[Path]) -> None:
+    """End each trial's MLflow run: FINISHED if it trained and was evaluated, FAILED otherwise (none: no run)."""
+    uri = config.tracking_uri()
+    for tws in trials:
+        done = (tws / contract.OUTPUT_DIR / contract.EVAL_RESULT_FILE).exists()
+        registry.close_run(
+            uri, pipeline.registered_model_name, Pipeline.load(tws).run_key, "FINISHED" if done else "FAILED"
+        )
+
+
+def _close_mlflow_run(pipeline: Pipeline, ws: str, status: str, sweep: bool = False) -> str | None:
+    """End this run's MLflow run; a failed pipeline gets a FAILED run even if it never reached register.
+
+    A sweep's run is the parent of its trials' runs; it trains nothing itself.
+    """
     _mlflow_env()
     uri = config.tracking_uri()
-    if status == "FINISHED" and not (Path(ws) / contract.OUTPUT_DIR / contract.SUCCESS).exists():
+    if status == "FINISHED" and not sweep and not (Path(ws) / contract.OUTPUT_DIR / contract.SUCCESS).exists():
         return None  # skipped as already registered: nothing was tracked, nothing to close
     if status == "FAILED":  # a run that failed before register gets its MLflow run here, to show the failure
         job = workspace.load_job(ws)

@@ -115,10 +115,13 @@ class Pipeline:
     max_epsilon: float | None = None
     allow_behaviour_regressions: bool = False
     evaluate_base: bool = False
+    trial: int | None = None  # the trial of a sweep this workspace holds (loraflow.sweep); None: a whole run
 
     @property
     def run_key(self) -> str:
-        return f"{self.dag_id}/{self.run_id}"
+        """The idempotency key of this run's MLflow run and version: one per DAG run, one per trial of a sweep."""
+        key = f"{self.dag_id}/{self.run_id}"
+        return key if self.trial is None else f"{key}/{trial_name(self.trial)}"
 
     @classmethod
     def load(cls, workspace: str | Path) -> Pipeline:
@@ -184,6 +187,31 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
     ``raw_keys`` the names the trigger conf itself set, checked too in case a deployment
     turned off Airflow's merging of the conf into the params.
     """
+    pipeline, job = build(conf, dag_id, run_id, run_type, raw_keys)
+    write(pipeline, job)
+    return pipeline
+
+
+def trial_name(trial: int) -> str:
+    return f"trial-{trial}"
+
+
+def write(pipeline: Pipeline, job: spec.JobSpec) -> None:
+    """Claim the pipeline's workspace and write its job.json and pipeline.json."""
+    ws = Path(pipeline.workspace)
+    claim(ws, pipeline.dag_id, pipeline.run_id)
+    job.write(ws / JOB_FILE)
+    atomic_write_json(ws / PIPELINE_FILE, asdict(pipeline))
+
+
+def build(
+    conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_keys=None, trial: int | None = None
+) -> tuple[Pipeline, spec.JobSpec]:
+    """Every check of ``prepare``, without writing anything: the run's settings and its job spec.
+
+    ``trial`` builds one trial of a sweep (``loraflow.sweep``): its workspace is
+    ``<run workspace>/trial-<n>``, its run key ``<dag_id>/<run_id>/trial-<n>``.
+    """
     refuse_unknown([*conf, *(raw_keys or ())])
     refuse_invalid(conf)
     settings, fields = split(conf)
@@ -211,7 +239,7 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
         eval_dataset = dataset_file(str(settings["eval_dataset_path"]), "eval_dataset_path")
     base_host = resolve_base_model(str(fields.pop("base_model", "")))
 
-    ws = run_dir(dag_id, run_id)
+    ws = run_dir(dag_id, run_id) if trial is None else run_dir(dag_id, run_id) / trial_name(trial)
     eval_fraction = float(settings.get("eval_fraction", 0.1))
     try:
         job = spec.from_flat(
@@ -227,7 +255,6 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
         )
     except JobSpecError as exc:
         raise ParamsError(str(exc)) from None
-    claim(ws, dag_id, run_id)
     pipeline = Pipeline(
         dag_id=dag_id,
         run_id=run_id,
@@ -245,10 +272,9 @@ def prepare(conf: dict[str, Any], dag_id: str, run_id: str, run_type: str, raw_k
         base_model_host=base_host,
         eval_dataset_path=str(eval_dataset) if eval_dataset else None,
         **evaluation.settings(settings),
+        trial=trial,
     )
-    job.write(ws / JOB_FILE)
-    atomic_write_json(ws / PIPELINE_FILE, asdict(pipeline))
-    return pipeline
+    return pipeline, job
 
 
 def dataset_file(value: str, what: str) -> Path:

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import FAST, REPO, SAMPLE_CHAT
 
 
-def load_dag():
+def load_dag(dag_id: str = "loraflow_finetune"):
     """The DAG as the dag processor parses it: a fresh object for every run.
 
     dag.test() runs tasks in this process, and Airflow merges each run's conf into the
@@ -18,7 +18,7 @@ def load_dag():
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
-    return bag.get_dag("loraflow_finetune")
+    return bag.get_dag(dag_id)
 
 
 @pytest.fixture(scope="session")

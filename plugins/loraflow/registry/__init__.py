@@ -6,7 +6,7 @@
     versions.py      finding and reading versions (by alias, number or newest), their lineage and files
     aliases.py       every alias move: register's forward-only moves, promote, rollback, the history
     registration.py  what the pipeline writes: the MLflow run of a DAG run, its logs, the model
-                     version (idempotent by run key), merged exports
+                     version (idempotent by run key), a sweep's trial runs and table, merged exports
 
 The names below are the wing's public face: the rest of loraflow calls them with plain
 values (a tracking URI, a model name, a run key) and gets plain values back.
@@ -21,6 +21,8 @@ from loraflow.registry.registration import (
     close_run,
     ensure_run,
     is_registered,
+    log_sweep,
+    log_trial,
     metric_history,
     output_digest,
     register,
@@ -112,6 +114,8 @@ __all__ = [
     "http_defaults",
     "is_registered",
     "list_models",
+    "log_sweep",
+    "log_trial",
     "metric_history",
     "mlflow_client",
     "mlflow_run_for",

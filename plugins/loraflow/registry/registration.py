@@ -173,7 +173,10 @@ def close_run(uri: str, model_name: str, run_key: str, status: str) -> str | Non
         return run_id
 
 
-def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+def _log_run(
+    mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: dict[str, Any], with_model: bool = True
+) -> None:
+    """Params, metrics, the per-step curves and (``with_model``) the model and the trainer's files."""
     from mlflow.entities import Metric, Param
 
     existing = mc.get_run(run_id).data.params
@@ -186,6 +189,8 @@ def _log_run(mc, run_id: str, workspace: Path, params: dict[str, Any], metrics: 
         history = metric_history(out)
         for i in range(0, len(history), 1000):
             mc.log_batch(run_id, metrics=history[i : i + 1000])
+    if not with_model:
+        return
     mc.log_artifacts(run_id, str(out / contract.MODEL_DIR), T.MODEL_ARTIFACT)
     for name in contract.OUTPUT_FILES:
         if (out / name).exists():
@@ -278,6 +283,51 @@ def register(
         champion, notes = aliases.advance(mc, name, version, gate_metric, metrics.get(gate_metric), gate)
         now_on = sorted(mc.get_model_version(name, version).aliases)
     return Registration(name, version, run_id, now_on, champion, created, tuple(notes))
+
+
+def log_trial(uri: str, name: str, run_key: str, workspace: Path, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """A sweep trial's MLflow run (found by its run key, or created with ``tags``) with its params, and, once it
+    trained, its metrics, curves and eval.json; no model (a registered trial's version logs that). Idempotent."""
+    out = workspace / contract.OUTPUT_DIR
+    with reachable(uri):
+        mc = mlflow_client(uri)
+        run_id = _ensure_run(mc, name, run_key, tags)
+        if (out / contract.SUCCESS).exists():
+            metrics = json.loads((out / contract.METRICS_FILE).read_text())
+            _log_run(mc, run_id, workspace, params, metrics, with_model=False)
+            if (out / contract.EVAL_RESULT_FILE).exists():
+                mc.log_artifact(run_id, str(out / contract.EVAL_RESULT_FILE), T.EVALUATION_ARTIFACTS)
+        else:  # it never finished training: its settings still say what it tried
+            _log_run_params(mc, run_id, params)
+    return run_id
+
+
+def _log_run_params(mc, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    existing = mc.get_run(run_id).data.params
+    plist = [Param(k, _param_value(v)) for k, v in sorted(params.items()) if k not in existing]
+    for i in range(0, len(plist), 100):
+        mc.log_batch(run_id, params=plist[i : i + 100])
+
+
+def log_sweep(uri: str, run_id: str, table: dict[str, Any], artifact: str, tags: dict[str, str]) -> None:
+    """The sweep's parent run: its table as a JSON artifact (replaced on a retry), ``tags``, the best trial's metric."""
+    from mlflow.entities import Metric, RunTag
+
+    metric = table["metric"]
+    best = next((t[metric] for t in table["trials"] if t["winner"]), None)
+    with reachable(uri):
+        mc = mlflow_client(uri)
+        mc.log_batch(
+            run_id,
+            metrics=[Metric(f"best_{metric}", float(best), 0, 0)] if _finite(best) else [],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        path = Path(artifact)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / path.name).write_text(json.dumps(table, indent=2, default=str))
+            mc.log_artifact(run_id, str(Path(tmp) / path.name), str(path.parent))
 
 
 def registered_version(uri: str, name: str, run_key: str) -> str | None:

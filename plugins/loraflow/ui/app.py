@@ -84,6 +84,42 @@ def mlflow_run(dag_id: str = Query(...), run_id: str = Query(...)) -> RedirectRe
     return RedirectResponse(found["url"], status_code=307)
 
 
+# The report is loraflow's own HTML (gate.report_html) read back from the artifact store, which others may write
+# to: served with no scripts, no requests out and in a sandbox, so it can never act as the Airflow origin.
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+
+
+@app.get("/gate-report", response_class=HTMLResponse)
+def gate_report(name: str = Query(...), version: str = Query(...)) -> HTMLResponse:
+    """A version's gate report (``gate.REPORT_ARTIFACT`` in its MLflow run), as the page links it."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    from loraflow import gate
+
+    if not re.fullmatch(r"[1-9][0-9]*", version):
+        return HTMLResponse(_message(f"version {version!r} is not a version number; use e.g. 1"), status_code=400)
+    uri = config.tracking_uri()
+    mc = registry.mlflow_client(uri)
+    try:
+        with registry.reachable(uri, interactive=True), tempfile.TemporaryDirectory() as tmp:
+            mv = mc.get_model_version(name, version)
+            text = Path(mc.download_artifacts(mv.run_id, gate.REPORT_ARTIFACT, tmp)).read_text()
+    except LoraflowError as exc:
+        return HTMLResponse(_message(str(exc)), status_code=503)
+    except (MlflowException, OSError):
+        return HTMLResponse(
+            _message(
+                f"{name} v{version} has no gate report in MLflow ({gate.REPORT_ARTIFACT} of its run): it was "
+                "registered without an evaluate task, or it does not exist"
+            ),
+            status_code=404,
+        )
+    return HTMLResponse(text, headers={"Content-Security-Policy": REPORT_CSP, "X-Content-Type-Options": "nosniff"})
+
+
 _bearer = HTTPBearer(
     auto_error=False, description="the JWT from POST /auth/token; the _token cookie is not accepted for writes"
 )

@@ -10,7 +10,11 @@ from html import escape
 from urllib.parse import quote
 
 from loraflow import cost
+from loraflow.links import URL_PREFIX
 from loraflow.ui.data import Overview, RunRow
+
+COLUMNS = 10
+WINNER = '<span class="badge winner">winner</span>'
 
 METRICS = ("eval_loss", "perplexity", "final_train_loss", "epsilon")
 TABLE_STYLE = (
@@ -29,6 +33,8 @@ th{background:#f7fafc;font-weight:600} td.nowrap{white-space:nowrap} code{font-s
 svg.curve{display:block} svg.curve polyline{fill:none;stroke:#2b6cb0;stroke-width:1.5}
 .champion{background:#c6f6d5;color:#22543d}.challenger{background:#feebc8;color:#7b341e}
 .success{color:#2f855a}.failed{color:#c53030}.running,.queued{color:#2b6cb0}
+table.sweep{width:auto;margin:2px 0 6px} table.sweep td,table.sweep th{padding:2px 8px}
+.winner{background:#c6f6d5;color:#22543d}
 .warn{background:#fff5f5;border:1px solid #feb2b2;padding:8px;margin-bottom:12px;border-radius:4px}
 a{color:#2b6cb0;text-decoration:none} a:hover{text-decoration:underline} .muted{color:#718096}
 """
@@ -67,11 +73,13 @@ def _row(r: RunRow, airflow_root: str) -> str:
     )
     state = f'<span class="{escape(r.state or "")}">{escape(r.state or "not in Airflow DB")}</span>'
     lead = [run_cell, state, f'<span style="white-space:nowrap">{escape(r.started or "-")}</span>']
+    table = sweep_table(r.sweep, r.versions) if r.sweep else ""
     if not r.versions:
         return (
             "<tr>"
             + "".join(f"<td>{c}</td>" for c in lead)
             + f'<td>{escape(r.model_name or "-")}</td><td class="muted" colspan="6">no version registered</td></tr>'
+            + table
         )
     out = []
     for i, v in enumerate(r.versions):
@@ -90,6 +98,11 @@ def _row(r: RunRow, airflow_root: str) -> str:
         mlflow = (
             f'<a href="{escape(v["run_url"])}" target="_blank" rel="noopener">MLflow run</a>' if v["run_url"] else "-"
         )
+        if v.get("gate_report"):
+            mlflow += (
+                f'<br><a href="{escape(report_url(v, airflow_root))}" target="_blank" rel="noopener">gate report</a>'
+            )
+
         out.append(
             "<tr>"
             + "".join(f"<td>{c}</td>" for c in cells)
@@ -97,7 +110,39 @@ def _row(r: RunRow, airflow_root: str) -> str:
             f"<td>{metrics}</td><td>{loss_curve(v.get('loss_curve') or [])}</td>"
             f"<td>{lineage}</td><td>{mlflow}</td></tr>"
         )
-    return "".join(out)
+    return "".join(out) + table
+
+
+def report_url(v: dict, airflow_root: str) -> str:
+    """The loraflow page's route that serves a version's gate report from its MLflow run."""
+    return f"{airflow_root}{URL_PREFIX}/gate-report?name={quote(v['name'], safe='')}&version={quote(v['version'])}"
+
+
+def sweep_table(table: dict, versions: list[dict]) -> str:
+    """A sweep's trials under its row: overrides, the gate metric on the shared eval set, the verdict, the winner."""
+    metric = table.get("metric", "eval_loss")
+    rows = []
+    for t in table.get("trials", []):
+        value = t.get(metric)
+        overrides = ", ".join(f"{k}={v}" for k, v in (t.get("overrides") or {}).items()) or "the form's settings"
+        verdict = f"gate: {t['gate']}" if t.get("gate") else t.get("status", "-")
+        version = f"v{t['version']}" if t.get("version") else '<span class="muted">not registered</span>'
+        rows.append(
+            f"<tr><td>{escape(str(t.get('trial')))}</td><td><code>{escape(overrides)}</code></td>"
+            f"<td>{'-' if value is None else f'{value:.4g}'}</td>"
+            f'<td title="{escape(t.get("gate_reason") or "")}">{escape(verdict)}</td><td>{version}</td>'
+            f"<td>{WINNER if t.get('winner') else ''}</td></tr>"
+        )
+    parent = table.get("parent_run_url")
+    link = (
+        f' &middot; <a href="{escape(parent)}" target="_blank" rel="noopener">parent MLflow run</a>' if parent else ""
+    )
+    return (
+        f'<tr><td></td><td colspan="{COLUMNS - 1}"><b>Sweep</b> ({len(rows)} trials, ranked by the gate, then '
+        f"{escape(metric)} on the same eval set){link}"
+        f'<table class="sweep"><thead><tr><th>Trial</th><th>Overrides</th><th>{escape(metric)}</th><th>Gate</th>'
+        f"<th>Version</th><th></th></tr></thead><tbody>{''.join(rows)}</tbody></table></td></tr>"
+    )
 
 
 def loss_curve(points: list[list[float]], width: int = 140, height: int = 36) -> str:
