@@ -22,6 +22,7 @@ READ_URLS = (
     "/loraflow/api/runs",
     "/loraflow/mlflow-run?dag_id=loraflow_finetune&run_id=x",
     "/loraflow/openapi.json",
+    "/loraflow/gate-report?name=x&version=1",
 )
 PROMOTE_MODEL = "ui-promote-demo"  # not the pipeline's model: the tests that read its champion stay as they were
 PROMOTE_ROUTE = "/api/models/{name}/versions/{version}/aliases/{alias}"
@@ -106,7 +107,7 @@ def test_no_plugin_route_skips_the_permission_check():
     from loraflow.ui.app import app
 
     routes = [r for r in app.routes if isinstance(r, APIRoute)]
-    assert {r.path for r in routes} >= {"/", "/api/runs", "/mlflow-run", "/openapi.json", PROMOTE_ROUTE}
+    assert {r.path for r in routes} >= {"/", "/api/runs", "/mlflow-run", "/openapi.json", "/gate-report", PROMOTE_ROUTE}
     assert len(routes) == len(app.routes)  # nothing mounted beside them (no /docs, /redoc)
     app_check = app.router.dependencies[0].dependency
     assert app_check.__qualname__.startswith("requires_access_dag")
@@ -256,6 +257,20 @@ def test_signed_in_user_sees_the_registered_version_in_the_airflow_ui(airflow_ap
     if os.environ.get("LORAFLOW_UPDATE_SCREENSHOT"):  # refresh the README's picture on request
         (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, REPO / "docs" / "img" / "models-page.png")
+
+
+def test_the_page_links_each_version_s_gate_report_and_serves_it_without_scripts(airflow_api, registered):
+    token = login(airflow_api, VIEWER, PASSWORD)
+    status, _, html = get(airflow_api + "/loraflow/", token=token)
+    assert status == 200, html
+    link = f"/loraflow/gate-report?name={registered['name']}&amp;version={registered['version']}"
+    assert link in html  # the report register logged in the version's MLflow run
+    status, headers, report = get(airflow_api + link.replace("&amp;", "&"), token=token)
+    assert status == 200, report
+    assert f"Gate: {registered['name']} v{registered['version']}" in report and "<svg" in report
+    assert "sandbox" in headers["Content-Security-Policy"] and "script-src" not in headers["Content-Security-Policy"]
+    status, _, body = get(airflow_api + f"/loraflow/gate-report?name={registered['name']}&version=999", token=token)
+    assert status == 404 and "has no gate report" in body
 
 
 def test_mlflow_run_extra_link_leads_to_the_run_of_that_dag_run(airflow_api, registered):
