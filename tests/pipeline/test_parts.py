@@ -311,3 +311,21 @@ def test_token_length_fast_path_flags_a_row_one_token_over_and_multibyte_rows_by
     assert rule["rows"] == [41, 201] and rule["count"] == 2
     assert report["token_lengths"]["max"] == count(emoji + "ok") + overhead
     assert "too_long" in str(err.value) and "41" in str(err.value)
+
+
+def test_container_names_of_long_run_ids_and_their_trials_stay_apart_and_within_the_limit(tmp_path):
+    """Two runs whose ids share a long prefix, and the trials of one sweep run: one container name each."""
+    from loraflow.runtimes.docker import NAME_MAX, container_name
+    from loraflow.workspace import run_dir
+
+    prefix = "manual__" + "x" * 150
+    names = set()
+    for run_id in (prefix + "-a", prefix + "-b"):
+        ws = run_dir("loraflow_sweep", run_id)
+        for trial in ("", "trial-0", "trial-1"):
+            pipeline = _pipeline(tmp_path / "p", run_id=run_id, workspace=str(ws / trial if trial else ws))
+            names.add(container_name(pipeline))
+    assert len(names) == 6, names
+    assert all(len(n) <= NAME_MAX and re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", n) for n in names), names
+    short = _pipeline(tmp_path / "q", workspace=str(tmp_path / "runs" / "dag" / "run-1"))
+    assert container_name(short) == "loraflow-dag-run-1"  # short names are kept readable as they are

@@ -31,6 +31,7 @@ the provider's ``DockerContainerFailedException``, with the exit code (137 with
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -178,10 +179,17 @@ def trainer_user() -> str:
     return IMAGE_USER
 
 
+NAME_MAX = 120  # container names stay readable in `docker ps`
+
+
 def container_name(pipeline: Pipeline) -> str:
     """The trainer container's name: its workspace's (one run, or one trial of a sweep)."""
     ws = Path(pipeline.workspace)
-    return f"loraflow-{ws.parent.name}-{ws.name}"[:120]
+    name = f"loraflow-{ws.parent.name}-{ws.name}"
+    if len(name) <= NAME_MAX:
+        return name
+    # Cut, the readable part keeps its head and a digest of the whole tells long ids (and trials) apart.
+    return f"{name[: NAME_MAX - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 def container_spec(run: TrainerRun, settings: DockerSettings, lease: gpus.GpuLease) -> ContainerSpec:
