@@ -99,22 +99,22 @@ class Stack:
     def api(self, method: str, path: str, body: dict | None = None):
         return _request(method, f"{self.airflow}/api/v2{path}", body, {"Authorization": f"Bearer {self.token()}"})
 
-    def trigger(self, conf: dict) -> str:
-        run = self.api("POST", f"/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf})
+    def trigger(self, conf: dict, dag: str = DAG) -> str:
+        run = self.api("POST", f"/dags/{dag}/dagRuns", {"logical_date": None, "conf": conf})
         return run["dag_run_id"]
 
-    def wait_runs(self, run_ids: list[str], timeout: float = 2400) -> dict[str, str]:
+    def wait_runs(self, run_ids: list[str], timeout: float = 2400, dag: str = DAG) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            states = {r: self.api("GET", f"/dags/{DAG}/dagRuns/{_q(r)}")["state"] for r in run_ids}
+            states = {r: self.api("GET", f"/dags/{dag}/dagRuns/{_q(r)}")["state"] for r in run_ids}
             if all(s in ("success", "failed") for s in states.values()):
                 return states
             time.sleep(10)
         raise AssertionError(f"runs still not finished after {timeout:.0f} s: {states}")
 
-    def task_instances(self, run_id: str) -> dict[str, dict]:
-        tis = self.api("GET", f"/dags/{DAG}/dagRuns/{_q(run_id)}/taskInstances?limit=100")["task_instances"]
+    def task_instances(self, run_id: str, dag: str = DAG) -> dict[str, dict]:
+        tis = self.api("GET", f"/dags/{dag}/dagRuns/{_q(run_id)}/taskInstances?limit=100")["task_instances"]
         return {
             ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis
         }
@@ -157,6 +157,15 @@ class Stack:
         except AssertionError:
             return []
         return found.get("model_versions", [])
+
+    def runs(self, experiment: str, filter_string: str) -> list[dict]:
+        exp = self.mlflow_api("GET", "experiments/get-by-name", {"experiment_name": experiment})["experiment"]
+        found = self.mlflow_api(
+            "POST",
+            "runs/search",
+            {"experiment_ids": [exp["experiment_id"]], "filter": filter_string, "max_results": 100},
+        )
+        return found.get("runs", [])
 
     def aliases(self, name: str) -> dict[str, str]:
         model = self.mlflow_api("GET", "registered-models/get", {"name": name})["registered_model"]

@@ -3,7 +3,8 @@
 In file order (one stack for the module): the DAG imports; a run with the form's defaults
 and one with runtime=docker both train in a trainer container that a Celery worker started
 through the socket proxy, and register in MLflow on Postgres; what `down` (without -v)
-keeps; two workers, two runs at once; a worker killed mid-train, its run resumed on the other.
+keeps; two workers, two runs at once; a sweep's trials queued on one GPU slot; a worker killed
+mid-train, its run resumed on the other.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 import docker
 import pytest
 
-from loraflow import registry
+from loraflow import registry, sweep
 
+SWEEP = sweep.DAG_ID
 MODEL = "loraflow-model"  # the form's default registered_model_name
 LINEAGE = (
     registry.RUN_KEY,
@@ -125,6 +127,37 @@ def test_two_workers_two_runs_at_once_queue_on_the_gpu_pool_and_both_register(st
     for run_id in runs:
         assert len(_versions_of(stack, run_id)) == 1
         _no_trainer_container_left(run_id)
+
+
+def test_a_sweep_on_two_workers_queues_its_trials_on_the_one_gpu_slot_and_registers_the_winner(stack):
+    """loraflow_sweep through the REST API: three mapped trials, two workers that could run them at
+    once, one GPU slot: the scheduler's pool runs one trial task at a time. One parent MLflow run,
+    three child runs, one version (the winning trial's)."""
+    if len(stack.containers("airflow-worker")) < 2:
+        stack.up("--scale", "airflow-worker=2", "--no-recreate")
+    name = "stack-sweep"
+    overrides = [{"learning_rate": 1e-5}, {"learning_rate": 1e-2}, {"learning_rate": 2e-3, "lora_r": 4}]
+    conf = {"runtime": "docker", "registered_model_name": name, "max_steps": 12, "sweep": overrides}
+    start = time.monotonic()
+    run_id = stack.trigger(conf, dag=SWEEP)
+    assert stack.wait_runs([run_id], dag=SWEEP) == {run_id: "success"}
+    stack.timings["sweep_three_trials_s"] = round(time.monotonic() - start, 1)
+
+    tis = stack.task_instances(run_id, dag=SWEEP)
+    trials = [tis[f"trial.{task}[{i}]"] for i in range(3) for task in ("train", "evaluate")]
+    assert {ti["state"] for ti in trials} == {"success"}, trials
+    assert {ti["pool"] for ti in trials} == {"loraflow_gpu"}
+    spans = sorted((ti["start_date"], ti["end_date"]) for ti in trials)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False)), spans
+
+    [parent] = stack.runs(f"loraflow/{name}", f"tags.`{sweep.TAG_TRIALS}` = '3'")
+    parent_tags = {t["key"]: t["value"] for t in parent["data"].get("tags", [])}
+    children = stack.runs(f"loraflow/{name}", f"tags.`{sweep.PARENT_RUN}` = '{parent['info']['run_id']}'")
+    assert len(children) == 3, [c["info"]["run_id"] for c in children]
+    [version] = [v for v in stack.versions(name) if _tags(v).get(registry.RUN_ID) == run_id]
+    assert _tags(version)[sweep.TAG_TRIAL] == parent_tags[sweep.TAG_WINNER]
+    assert stack.aliases(name)["champion"] == version["version"]
+    _no_trainer_container_left(run_id)
 
 
 def test_a_worker_killed_mid_train_the_retry_on_the_other_resumes_and_one_version_registers(stack):
