@@ -200,7 +200,9 @@ class LocalStack:
             "--workers",
             "1",
         ]
-        self._spawn("mlflow", cmd, detach, self.mlflow_port)
+        # loraflow uses no MLflow server jobs (GenAI judges, prompt optimisation): without this the
+        # server starts a job runner and ~8 huey consumer processes, ~2 GB and seconds of CPU each start.
+        self._spawn("mlflow", cmd, detach, self.mlflow_port, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         wait_http(f"{self.mlflow_uri}/health", timeout, self.procs.get("mlflow"), self._log("mlflow"))
         return f"started MLflow on {self.mlflow_uri} (pid {self.procs['mlflow'].pid})"
 
@@ -310,7 +312,7 @@ class LocalStack:
                 f"stop that process or set {self.PORT_VARIABLES[name]} to a free port"
             )
 
-    def _spawn(self, name: str, cmd: list[str], detach: bool, port: int | None = None) -> None:
+    def _spawn(self, name: str, cmd: list[str], detach: bool, port: int | None = None, env: dict | None = None) -> None:
         log = self._log(name)
         log.parent.mkdir(parents=True, exist_ok=True)
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +321,7 @@ class LocalStack:
                 cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env()},
+                env={**os.environ, **self.env(), **(env or {})},
                 start_new_session=detach,
             )
         self.procs[name] = proc
