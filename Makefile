@@ -57,9 +57,11 @@ trainer-image-gpu: system-deps
 demo: setup
 	$(PY) scripts/demo.py
 
-# Everything the tests need, then the whole suite.
+# Everything the tests need, then the whole suite, on TEST_WORKERS processes (pytest-xdist):
+# a module stays on one worker, the Docker engine tests share one. TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
 test: setup docker-image
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The suite without the Docker engine tests (they skip), for a quick loop.
 test-fast: setup

@@ -45,9 +45,29 @@ def pytest_configure(config):
     # The fault tests assert what one try of train/evaluate does and then run the retry
     # themselves; the DAG's own retry (1 by default) is the stack test's killed worker.
     os.environ.setdefault("LORAFLOW_TRAIN_RETRIES", "0")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on the cores: one math thread each, no oversubscription
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     stack.configure_airflow_env()
     (home / "data").mkdir(parents=True, exist_ok=True)
     _STATE["stack"] = stack
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n 2 --dist loadfile`` (``make test``): a module stays on one worker, so its module
+    fixtures (a scheduler, an api-server) start once, and the Docker engine's tests (tests/docker,
+    tests/stack) run on one worker, one after another: they watch the engine's containers by label,
+    not by worker. Each worker has its own home: its own MLflow server, Airflow DB and model cache.
+    (xdist's loadgroup marks do not reach pytest 9's node ids, hence a scheduler.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "docker-engine" if path.startswith(("tests/docker/", "tests/stack/")) else path
+
+    return ModuleScheduling(config, log)
 
 
 def pytest_unconfigure(config):
@@ -56,6 +76,21 @@ def pytest_unconfigure(config):
         stack.stop_all()
         if not os.environ.get("LORAFLOW_KEEP_TEST_HOME"):
             shutil.rmtree(stack.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def airflow_db_left_sound(request):
+    """After each module: the session's Airflow DB passes SQLite's own check, so a module that
+    corrupts it is named here, not the module that happens to open it next."""
+    yield
+    db = _STATE["stack"].airflow_home / "airflow.db"
+    if db.exists():
+        import contextlib
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:
+            result = con.execute("PRAGMA quick_check").fetchone()[0]
+        assert result == "ok", f"{request.module.__name__} left the Airflow DB {db} malformed: {result}"
 
 
 @pytest.fixture(scope="session")
