@@ -62,6 +62,26 @@ def test_a_port_setting_that_is_not_a_port_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def descendants(pid: int) -> list[str]:
+    """The command lines of every process under ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            found.append((Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+        todo += children.get(child, [])
+    return found
+
+
 def test_each_home_owns_its_servers_and_stop_stops_only_its_own(tmp_path):
     from loraflow.errors import LoraflowError
     from loraflow_devstack import LocalStack, free_port, port_taken
@@ -73,6 +93,9 @@ def test_each_home_owns_its_servers_and_stop_stops_only_its_own(tmp_path):
         mine.start_mlflow(detach=True, timeout=240)
         pid = mine.running("mlflow")
         assert pid and json.loads((tmp_path / "a" / "pids" / "mlflow.json").read_text())["port"] == port
+        # The server runs without MLflow's job runner and its huey consumers (loraflow uses no server jobs).
+        tree = descendants(pid)
+        assert tree and not [cmd for cmd in tree if "huey" in cmd or "_job_runner" in cmd], tree
 
         # A second home on the same port: refused, not silently reusing the first home's server.
         with pytest.raises(LoraflowError, match=f"port {port} .*LORAFLOW_MLFLOW_PORT"):
