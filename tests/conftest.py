@@ -82,7 +82,8 @@ def pytest_unconfigure(config):
 def airflow_db_left_sound(request):
     """After each module, a warning if the session's Airflow DB fails SQLite's own check: a module
     that corrupts it is named here, not only the module that happens to open it next. A warning, not
-    an error: the check's own connection once met a transient "disk I/O error" on a sound DB."""
+    an error: the check's own connection once met a "disk I/O error" (cause unknown) after a module
+    whose tests had all passed on that DB."""
     yield
     db = _STATE["stack"].airflow_home / "airflow.db"
     if db.exists():
